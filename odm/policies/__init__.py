@@ -1,0 +1,85 @@
+"""Mixing policies: per-domain statistics in, sampling proportions out.
+
+Every policy can be passed as an instance (``odm.policies.EXP3()``) or named by string (``policy="exp3"``);
+:func:`get_policy` resolves both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from odm.policies import ado, aioli, bandits, doremi, odm_exp3, prior, scheduled, skillit, ucb
+from odm.policies.ado import *  # noqa: F403 (ADO)
+from odm.policies.aioli import *  # noqa: F403 (Aioli)
+from odm.policies.bandits import *  # noqa: F403 (EXP3, EXP3S)
+from odm.policies.base import EVAL_LOSS, REFERENCE_LOSS, TRAIN_LOSS, DomainStats, Policy, check_proportions
+from odm.policies.doremi import *  # noqa: F403 (DoReMi)
+from odm.policies.odm_exp3 import *  # noqa: F403 (ODM)
+from odm.policies.prior import *  # noqa: F403 (EntropyPrior)
+from odm.policies.scheduled import *  # noqa: F403 (Scheduled)
+from odm.policies.skillit import *  # noqa: F403 (SkillIt)
+from odm.policies.static import Fixed, Natural, Temperature, Uniform
+from odm.policies.ucb import *  # noqa: F403 (UCB1, DiscountedUCB, SlidingWindowUCB)
+
+# Each family module (one file per family, see ARCHITECTURE.md) lists its public policies in __all__; the
+# registry below finds every Policy subclass with a `name`, so a new policy needs no edit here.
+_FAMILIES = (bandits, odm_exp3, ucb, prior, scheduled, aioli, ado, doremi, skillit)
+
+__all__ = [
+    *(name for module in _FAMILIES for name in module.__all__),
+    "EVAL_LOSS",
+    "REFERENCE_LOSS",
+    "TRAIN_LOSS",
+    "DomainStats",
+    "Fixed",
+    "Natural",
+    "Policy",
+    "Temperature",
+    "Uniform",
+    "check_proportions",
+    "get_policy",
+    "policy_names",
+]
+
+# Policies constructible from a name alone (documented defaults). Classes that need data (Fixed, Natural)
+# are listed too: their name gives a clear error asking for the instance.
+def _all_subclasses(cls: type[Policy]) -> list[type[Policy]]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in _all_subclasses(Policy) if cls.name}
+
+
+def policy_names() -> list[str]:
+    """Names accepted by :func:`get_policy` (and by ``policy=`` everywhere)."""
+    return sorted(_REGISTRY)
+
+
+def get_policy(policy: str | Policy, **kwargs: Any) -> Policy:
+    """Returns ``policy`` itself if it is a :class:`Policy`, else builds the registered policy of that name.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+        TypeError: for anything that is neither a name nor a :class:`Policy`.
+    """
+    if isinstance(policy, Policy):
+        if kwargs:
+            raise TypeError("keyword arguments are only accepted with a policy name, not a Policy instance")
+        return policy
+    if isinstance(policy, str):
+        key = policy.lower().replace("-", "_")
+        if key not in _REGISTRY:
+            raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(policy_names())}")
+        cls = _REGISTRY[key]
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise TypeError(
+                f"policy {policy!r} cannot be built from its name alone ({err}); "
+                f"pass an instance, e.g. odm.policies.{cls.__name__}(...)"
+            ) from err
+    raise TypeError(f"`policy` must be a policy name or an odm.policies.Policy, got {type(policy).__name__}")

@@ -1,0 +1,239 @@
+"""The policy interface: reduced per-domain statistics in, proportions on the simplex out.
+
+A policy is a deterministic function of the statistics it is fed. Every rank feeds it the same (all-reduced)
+statistics, so every rank holds the same proportions without a broadcast. Policies see float64 numpy arrays
+only: never tensors, devices, ranks or workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["EVAL_LOSS", "REFERENCE_LOSS", "TRAIN_LOSS", "DomainStats", "Policy", "check_proportions"]
+
+# Signals a policy may require (``Policy.requires``).
+TRAIN_LOSS = "train_loss"  # per-domain training-loss sums and counts, every step
+EVAL_LOSS = "eval_loss"  # per-domain held-out loss, when the policy asks for it
+REFERENCE_LOSS = "reference_loss"  # per-domain reference-model loss (DoReMi)
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainStats:
+    """Per-domain statistics of one policy update, already reduced across ranks.
+
+    Attributes:
+        loss_sum: ``(K,)`` sum of per-sample (or per-token, when weighted) training losses per domain.
+        count: ``(K,)`` number of samples (or total weight) behind ``loss_sum``; 0 for a domain not drawn.
+        proportions: ``(K,)`` the proportions the observed batches were actually drawn under (count-weighted
+            over the batches of the update). Importance weights use these, not the newest proportions.
+        step: 1-based index of this update (``t`` in ALGORITHMS.md).
+        num_samples: total samples seen by the run so far, this update included (ADO's ``n``).
+        eval_loss: ``(K,)`` per-domain held-out mean loss, when an evaluation ran for this update.
+        reference_loss: ``(K,)`` per-domain mean reference loss (DoReMi), when available.
+    """
+
+    loss_sum: np.ndarray
+    count: np.ndarray
+    proportions: np.ndarray
+    step: int
+    num_samples: int = 0
+    eval_loss: np.ndarray | None = None
+    reference_loss: np.ndarray | None = None
+
+    @property
+    def num_domains(self) -> int:
+        return int(self.loss_sum.shape[0])
+
+    @property
+    def mean_loss(self) -> np.ndarray:
+        """Per-domain mean loss; NaN for domains with no samples in this update."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, self.loss_sum / np.maximum(self.count, 1e-300), np.nan)
+
+    @property
+    def observed(self) -> np.ndarray:
+        """Boolean mask of the domains that were drawn in this update."""
+        return self.count > 0
+
+    @classmethod
+    def from_losses(
+        cls,
+        losses: Sequence[float] | np.ndarray,
+        proportions: Sequence[float] | np.ndarray,
+        *,
+        step: int = 1,
+        counts: Sequence[float] | np.ndarray | None = None,
+    ) -> DomainStats:
+        """Builds stats from per-domain *mean* losses (NaN = not drawn); handy in tests and simulations."""
+        mean = np.asarray(losses, dtype=np.float64)
+        if counts is None:
+            cnt = np.where(np.isnan(mean), 0.0, 1.0)
+        else:
+            cnt = np.asarray(counts, dtype=np.float64)
+        total = np.where(cnt > 0, np.nan_to_num(mean) * cnt, 0.0)
+        return cls(
+            loss_sum=total,
+            count=cnt,
+            proportions=np.asarray(proportions, dtype=np.float64),
+            step=step,
+            num_samples=int(cnt.sum()),
+        )
+
+
+def check_proportions(p: Any, num_domains: int | None = None, *, name: str = "proportions") -> np.ndarray:
+    """Validates a proportions vector and returns it normalised to the simplex as float64.
+
+    Raises:
+        ValueError: if ``p`` is not 1-D, has the wrong length, holds a negative or non-finite entry, or sums
+            to zero.
+    """
+    try:
+        arr = np.asarray(p, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"`{name}` must be a sequence of numbers, got {p!r}") from err
+    if arr.ndim != 1:
+        raise ValueError(f"`{name}` must be one-dimensional, got shape {arr.shape}")
+    if num_domains is not None and arr.shape[0] != num_domains:
+        raise ValueError(f"`{name}` must have one entry per domain ({num_domains}), got {arr.shape[0]}: {p!r}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"`{name}` must be finite, got {p!r}")
+    if np.any(arr < 0):
+        raise ValueError(f"`{name}` must be non-negative, got {p!r}")
+    total = arr.sum()
+    if total <= 0:
+        raise ValueError(f"`{name}` must not be all zero, got {p!r}")
+    return arr / total
+
+
+class Policy(ABC):
+    """Base class of every mixing policy.
+
+    Subclasses implement :meth:`_init_state` (called once the number of domains is known), :meth:`update` and
+    the pair ``_get_state`` / ``_set_state``; the base class handles binding, validation and versioned
+    ``state_dict`` envelopes. The math of each policy lives in pure functions beside its class.
+
+    A policy is *bound* to a number of domains before use: :class:`odm.OnlineMixer` does it, or call
+    :meth:`bind` yourself. Policies whose constructor already fixes ``K`` (``Natural(sizes)``) bind at once.
+    """
+
+    #: Short registry name (``policy="uniform"``).
+    name: ClassVar[str] = ""
+    #: Signals the policy needs (see the module constants).
+    requires: ClassVar[frozenset[str]] = frozenset({TRAIN_LOSS})
+    #: Version of the ``state_dict`` layout; bump when it changes.
+    state_version: ClassVar[int] = 1
+
+    def __init__(self) -> None:
+        self._num_domains: int | None = None
+        self._p: np.ndarray | None = None
+
+    # -- binding ---------------------------------------------------------------------------------------------
+    @property
+    def num_domains(self) -> int:
+        if self._num_domains is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to domains yet; call `.bind(num_domains)`")
+        return self._num_domains
+
+    @property
+    def is_bound(self) -> bool:
+        return self._num_domains is not None
+
+    def bind(self, num_domains: int) -> Policy:
+        """Fixes the number of domains and initialises the state. Returns ``self``.
+
+        Raises:
+            ValueError: if already bound to another number of domains, or ``num_domains < 1``.
+        """
+        if not isinstance(num_domains, int | np.integer) or num_domains < 1:
+            raise ValueError(f"`num_domains` must be a positive integer, got {num_domains!r}")
+        if self._num_domains is not None:
+            if self._num_domains != num_domains:
+                raise ValueError(
+                    f"{type(self).__name__} is configured for {self._num_domains} domains, "
+                    f"but the mixer has {num_domains}"
+                )
+            return self
+        self._num_domains = int(num_domains)
+        self._init_state(self._num_domains)
+        assert self._p is not None, "_init_state must set self._p"
+        return self
+
+    @abstractmethod
+    def _init_state(self, num_domains: int) -> None:
+        """Initialises the state for ``num_domains`` domains; must set ``self._p``."""
+
+    # -- the face every policy shares ------------------------------------------------------------------------
+    @property
+    def proportions(self) -> np.ndarray:
+        """Current sampling proportions: float64, shape ``(K,)``, on the simplex (a copy)."""
+        if self._p is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to domains yet; call `.bind(num_domains)`")
+        return self._p.copy()
+
+    @abstractmethod
+    def update(self, stats: DomainStats) -> None:
+        """Consumes one update's reduced statistics and moves the proportions."""
+
+    def wants_eval(self, step: int) -> bool:
+        """Whether the policy needs per-domain held-out losses (``DomainStats.eval_loss``) for update ``step``.
+
+        The mixer (or the Lightning callback) asks before each update; when True it runs an evaluation and
+        passes its per-domain mean losses in the stats of that update.
+        """
+        return False
+
+    @property
+    def exact_counts(self) -> bool:
+        """When True, batches drawn under the current proportions use exact largest-remainder per-domain
+        counts instead of random draws (Aioli's probe phases). The mixer publishes this with each row."""
+        return False
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def _get_state(self) -> dict[str, Any]:
+        return {}
+
+    def _set_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """A plain, versioned dict: class, version, number of domains, proportions and the policy's state."""
+        return {
+            "policy": type(self).__name__,
+            "version": self.state_version,
+            "num_domains": self.num_domains,
+            "proportions": self.proportions,
+            "state": self._get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a state saved by :meth:`state_dict`; binds the policy if it is not bound yet.
+
+        Raises:
+            ValueError: if the state comes from another policy class, another version or another number of
+                domains.
+        """
+        cls = state_dict.get("policy")
+        if cls != type(self).__name__:
+            raise ValueError(f"state_dict is for policy {cls!r}, not {type(self).__name__!r}")
+        version = state_dict.get("version")
+        if version != self.state_version:
+            raise ValueError(
+                f"{type(self).__name__} state_dict has version {version!r}; this odm reads {self.state_version}"
+            )
+        num = int(state_dict["num_domains"])
+        if self.is_bound and num != self.num_domains:
+            raise ValueError(
+                f"{type(self).__name__} state_dict is for {num} domains, but this policy has {self.num_domains}"
+            )
+        self.bind(num)
+        self._p = np.array(state_dict["proportions"], dtype=np.float64)
+        self._set_state(state_dict["state"])
+
+    def __repr__(self) -> str:
+        k = self._num_domains if self._num_domains is not None else "unbound"
+        return f"{type(self).__name__}(num_domains={k})"
