@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m odm demo
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check odm callbacks tests benchmarks

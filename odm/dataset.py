@@ -5,9 +5,11 @@ Runs inside each DataLoader worker. For global batch ``b`` it (1) looks up the p
 counter-based generator keyed by ``(seed, rank, worker)`` with counter ``b``, (3) pulls the samples from the
 per-domain streams of its shard, (4) collates and tags the batch with ``domain`` and ``mix_step``.
 
-With ``W`` workers, worker ``w`` makes batches ``w, w + W, w + 2W, …`` (the order in which the DataLoader
-returns them), so a run's data is a function of the seed, the sources, ``W``, the world size and the
-published proportions — not of worker timing.
+With ``W`` workers, the DataLoader returns batches round-robin from its workers, so the worker that serves
+the ``j``-th batch of an iteration makes global batches ``≡ start + j (mod W)``: it takes the *slot*
+``(worker + start) mod W``, and each slot owns a disjoint shard of every domain and its own random key. A run's
+data is therefore a function of the seed, the sources, ``W``, the world size and the published proportions —
+not of worker timing, nor of where an iteration (re)started.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ __all__ = ["EXHAUSTED_MODES", "GRANULARITIES", "MixtureDataset", "largest_remain
 
 GRANULARITIES = ("sample", "batch")
 EXHAUSTED_MODES = ("restart", "stop", "drop")
-#: Batch key carrying the worker's stream state to :class:`odm.MixtureLoader` (removed before the user sees it).
+#: Batch key carrying the slot's stream state to :class:`odm.MixtureLoader` (removed before the user sees it).
 STATE_KEY = "_odm_state"
 _STATE_VERSION = 1
 
@@ -60,7 +62,7 @@ def _draw(u: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 class _Exhausted(Exception):
-    """Internal: every domain of this worker's shard is spent (or one is, with ``exhausted="stop"``)."""
+    """Internal: every domain of this slot's shard is spent (or one is, with ``exhausted="stop"``)."""
 
 
 class _DomainStream:
@@ -116,7 +118,8 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         collate_fn: turns a list of samples into a batch (default ``torch.utils.data.default_collate``).
         exhausted: what happens when a domain's shard ends: ``"restart"`` a new pass (reshuffled where the
             source shuffles), ``"stop"`` the whole iteration (the partial batch is dropped), or ``"drop"`` the
-            domain, renormalising the others.
+            domain, renormalising the others (when the last domain runs out, the final batch comes out short:
+            no sample is lost).
         max_passes: optional repetition budget, one int for all domains or ``{domain: int}``: a domain is
             dropped once it has been read that many times (UniMax-style epoch caps).
 
@@ -178,7 +181,9 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         self.rank = 0
         self.world_size = 1
         self.attach_state = False
-        self.resume: torch.Tensor | None = None  # shared (num_workers, 1 + 3K) int64 block, or None
+        # Shared (1 + num_workers, 1 + 3K) int64 block, or None: row 0 holds the next global batch in column 0;
+        # row 1 + slot holds that slot's stream state (see MixtureIterator.state_row), -1 when fresh.
+        self.resume: torch.Tensor | None = None
 
     def _check_max_passes(self, max_passes: Any) -> list[int | None]:
         k = len(self.domains)
@@ -203,45 +208,44 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return MixtureIterator(self, worker=worker, num_workers=num_workers)
+        start = 0 if self.resume is None else max(0, int(self.resume[0, 0]))
+        return MixtureIterator(self, slot=(worker + start) % num_workers, num_slots=num_workers, start=start)
 
 
 class MixtureIterator:
-    """The iteration state of one worker: its batch counter and each domain stream's position."""
+    """The iteration state of one slot (batches ``≡ slot mod num_slots``): its batch counter and each domain
+    stream's position ``(epoch, position)``."""
 
-    def __init__(self, dataset: MixtureDataset, *, worker: int, num_workers: int) -> None:
+    def __init__(self, dataset: MixtureDataset, *, slot: int, num_slots: int, start: int = 0) -> None:
         self.ds = dataset
-        self.worker, self.num_workers = worker, num_workers
-        shard = dataset.rank * num_workers + worker
-        num_shards = dataset.world_size * num_workers
+        self.slot, self.num_slots = slot, num_slots
+        shard = dataset.rank * num_slots + slot
+        num_shards = dataset.world_size * num_slots
         self.streams = [
             _DomainStream(name, src, shard, num_shards, dataset.seed, mp)
             for name, src, mp in zip(dataset.domains, dataset.sources, dataset.max_passes)
         ]
         self.active = np.ones(dataset.num_domains, dtype=bool)
-        self.local_batch = 0  # k: this worker's next batch is global batch k * num_workers + worker
+        # k: this slot's next batch is global batch k * num_slots + slot (the first one at or after `start`).
+        self.local_batch = max(0, (start - slot + num_slots - 1) // num_slots)
         self.finished = False
-        # One key per (seed, rank, worker); the batch index is the Philox counter.
-        key = np.random.SeedSequence([dataset.seed, dataset.rank, worker, 0x0D1]).generate_state(2, np.uint64)
-        self._key = key
+        # One key per (seed, rank, slot); the batch index is the Philox counter.
+        self._key = np.random.SeedSequence([dataset.seed, dataset.rank, slot, 0x0D1]).generate_state(2, np.uint64)
         if dataset.resume is not None:
-            self._load_row(dataset.resume[worker].numpy())
+            self._load_row(dataset.resume[1 + slot].numpy())
 
     # -- state -----------------------------------------------------------------------------------------------
     def _load_row(self, row: np.ndarray) -> None:
-        k = self.ds.num_domains
-        next_batch = int(row[0])
-        if next_batch < 0:  # unset row
+        if int(row[0]) < 0:  # this slot has not produced a batch yet: fresh streams
             return
-        w, nw = self.worker, self.num_workers
-        self.local_batch = max(0, (next_batch - w + nw - 1) // nw)
+        k = self.ds.num_domains
         epochs, positions, active = row[1 : 1 + k], row[1 + k : 1 + 2 * k], row[1 + 2 * k : 1 + 3 * k]
         for s, e, pos in zip(self.streams, epochs, positions):
             s.epoch, s.position, s._it = int(e), int(pos), None
         self.active = active.astype(bool)
 
     def state_row(self, next_batch: int) -> list[int]:
-        """This worker's stream state as one flat row: ``[next_batch, epochs…, positions…, active…]``."""
+        """This slot's stream state as one flat row: ``[next_batch, epochs…, positions…, active…]``."""
         return (
             [next_batch]
             + [s.epoch for s in self.streams]
@@ -256,7 +260,7 @@ class MixtureIterator:
     def __next__(self) -> dict[str, Any]:
         if self.finished:
             raise StopIteration
-        b = self.local_batch * self.num_workers + self.worker
+        b = self.local_batch * self.num_slots + self.slot
         try:
             samples, ids = self._make(b)
         except _Exhausted:
@@ -274,7 +278,7 @@ class MixtureIterator:
         batch["domain"] = domain
         batch["mix_step"] = b
         if self.ds.attach_state:
-            batch[STATE_KEY] = {"worker": self.worker, "row": self.state_row(b + 1)}
+            batch[STATE_KEY] = {"slot": self.slot, "row": self.state_row(b + 1)}
         return batch
 
     def _proportions(self, p: np.ndarray) -> np.ndarray:
@@ -289,7 +293,9 @@ class MixtureIterator:
         if not self.active.any():
             raise _Exhausted
         p, mode, _ = self.ds.schedule.lookup(b)
-        gen = np.random.Generator(np.random.Philox(counter=b, key=self._key))
+        # NOTE: the batch index goes in the counter's second word: Philox advances the first word as it
+        # generates, so `counter=b` would make batch b+1 reuse most of batch b's uniforms.
+        gen = np.random.Generator(np.random.Philox(counter=np.array([0, b, 0, 0], dtype=np.uint64), key=self._key))
         bs = self.ds.batch_size
         q = self._proportions(p)
         if self.ds.granularity == "batch":
@@ -299,10 +305,14 @@ class MixtureIterator:
             ids = gen.permutation(np.repeat(np.arange(len(q), dtype=np.int64), counts))
         else:
             ids = _draw(gen.random(bs), q).astype(np.int64)
-        return self._fill(ids, gen, p), ids
+        return self._fill(ids, gen, p)
 
-    def _fill(self, ids: np.ndarray, gen: np.random.Generator, p: np.ndarray) -> list[Any]:
-        """Pulls the samples for ``ids`` (redrawing positions of domains that drop out on the way)."""
+    def _fill(self, ids: np.ndarray, gen: np.random.Generator, p: np.ndarray) -> tuple[list[Any], np.ndarray]:
+        """Pulls the samples for ``ids``, redrawing the positions of domains that drop out on the way.
+
+        When every domain is spent mid-batch, the batch is returned short (no sample is lost); an empty batch
+        ends the iteration.
+        """
         k = self.ds.num_domains
         counts = np.bincount(ids, minlength=k)
         per_domain: list[list[Any]] = [[] for _ in range(k)]
@@ -318,7 +328,7 @@ class MixtureIterator:
             inverse = np.empty_like(order)
             inverse[order] = np.arange(len(order))
             got_items = itemgetter(*inverse.tolist())(flat)
-            return list(got_items) if len(ids) > 1 else [got_items]
+            return (list(got_items) if len(ids) > 1 else [got_items]), ids
         # Slow path (a domain dropped mid-batch): redraw the unfilled positions among the remaining domains.
         out: list[Any] = [None] * len(ids)
         missing: list[int] = []
@@ -330,7 +340,11 @@ class MixtureIterator:
             missing.extend(pos[len(items) :].tolist())
         while missing:
             if not self.active.any():
-                raise _Exhausted
+                keep = np.ones(len(ids), dtype=bool)
+                keep[missing] = False
+                if not keep.any():
+                    raise _Exhausted
+                return [x for x, k in zip(out, keep) if k], ids[keep]
             q = self._proportions(p)
             if self.ds.granularity == "batch":
                 new = np.full(len(missing), _draw(gen.random(1), q)[0])
@@ -345,7 +359,7 @@ class MixtureIterator:
                     out[i] = item
                 still.extend(pos[len(items) :])
             missing = still
-        return out
+        return out, ids
 
     def _take(self, d: int, n: int) -> list[Any]:
         """``n`` items of domain ``d``, crossing pass boundaries as ``exhausted`` says; fewer if it drops."""

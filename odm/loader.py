@@ -104,11 +104,11 @@ class MixtureLoader(torch.utils.data.DataLoader):
         dataset.schedule = self.mixer.schedule
         dataset.attach_state = True
         k = dataset.num_domains
-        # One row per worker: [next_batch, epochs(K), positions(K), active(K)]; next_batch = -1 means "fresh".
+        # Row 0: [next global batch, …]; row 1 + slot: [next_batch, epochs(K), positions(K), active(K)] of the
+        # slot's streams, -1 while fresh (see MixtureDataset).
         self._rows = max(1, num_workers)
-        dataset.resume = torch.full((self._rows, 1 + 3 * k), -1, dtype=torch.int64).share_memory_()
-        self._taken = dataset.resume.clone()  # the same rows, as of the batches the loop has taken
-        self._next_batch = 0
+        dataset.resume = torch.full((1 + self._rows, 1 + 3 * k), -1, dtype=torch.int64).share_memory_()
+        self._taken = dataset.resume.clone()  # the same block, as of the batches the loop has taken
         # Recent (batch index -> that worker's row) so a checkpoint can be cut at an earlier batch than the
         # newest taken (Lightning fetches one batch ahead of the step it runs).
         self._recent: deque[tuple[int, int, list[int]]] = deque(maxlen=64)
@@ -130,11 +130,11 @@ class MixtureLoader(torch.utils.data.DataLoader):
     def _track(self, it: Iterator[Any]) -> Iterator[Any]:
         for batch in it:
             state = batch.pop(STATE_KEY)
-            w = int(state["worker"])
+            slot = int(state["slot"])
             row = [int(x) for x in state["row"]]
-            self._taken[w] = torch.tensor(row, dtype=torch.int64)
-            self._next_batch = row[0]
-            self._recent.append((row[0] - 1, w, row))
+            self._taken[1 + slot] = torch.tensor(row, dtype=torch.int64)
+            self._taken[0, 0] = row[0]
+            self._recent.append((row[0] - 1, slot, row))
             yield batch
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -145,26 +145,23 @@ class MixtureLoader(torch.utils.data.DataLoader):
         it must be one of the last 64 batches taken.
         """
         taken = self._taken.clone()
-        next_batch = self._next_batch
+        next_batch = max(0, int(taken[0, 0]))
         if upto is not None and upto != next_batch - 1:
             rows = {b: (w, r) for b, w, r in self._recent}
             if upto not in rows:
                 raise ValueError(f"`upto`={upto} is not among the recent batches taken ({sorted(rows)})")
-            # Rewind every worker to its newest batch at or before `upto`.
+            # Rewind every slot to its newest batch at or before `upto`.
             nw = self._rows
-            for w in range(nw):
-                mine = [b for b in rows if b <= upto and b % nw == w]
-                if mine:
-                    taken[w] = torch.tensor(rows[max(mine)][1], dtype=torch.int64)
-                else:
-                    taken[w] = -1
+            for slot in range(nw):
+                mine = [b for b in rows if b <= upto and b % nw == slot]
+                taken[1 + slot] = torch.tensor(rows[max(mine)][1], dtype=torch.int64) if mine else -1
             next_batch = upto + 1
         return {
             "version": _STATE_VERSION,
             "num_workers": self._rows if self.num_workers > 0 else 0,
             "world_size": _dist_rank_world()[1],
             "next_batch": next_batch,
-            "streams": taken.tolist(),
+            "streams": taken[1:].tolist(),
             "mixer": self.mixer.state_dict(),
         }
 
@@ -188,6 +185,6 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 f"the checkpoint was taken with world size {state_dict['world_size']}, this run has {world}"
             )
         self.mixer.load_state_dict(state_dict["mixer"])
-        self._taken = torch.tensor(np.asarray(state_dict["streams"]), dtype=torch.int64)
-        self._next_batch = int(state_dict["next_batch"])
+        self._taken[1:] = torch.tensor(np.asarray(state_dict["streams"]), dtype=torch.int64)
+        self._taken[0, 0] = int(state_dict["next_batch"])
         self._recent.clear()

@@ -85,6 +85,37 @@ class DomainStats:
         )
 
 
+_ARRAY_TAG = "__ndarray__"
+
+
+def to_plain(obj: Any) -> Any:
+    """Recursively turns numpy arrays and scalars into plain Python values (arrays as tagged dicts).
+
+    Checkpoints then hold only what ``torch.load(weights_only=True)`` accepts (Lightning's default for local
+    files), and :func:`from_plain` restores the arrays exactly (float64 survives the round trip bit for bit).
+    """
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY_TAG: obj.ravel().tolist(), "dtype": obj.dtype.str, "shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def from_plain(obj: Any) -> Any:
+    """Inverse of :func:`to_plain` (tuples come back as lists)."""
+    if isinstance(obj, dict):
+        if _ARRAY_TAG in obj:
+            return np.asarray(obj[_ARRAY_TAG], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+        return {k: from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_plain(v) for v in obj]
+    return obj
+
+
 def check_proportions(p: Any, num_domains: int | None = None, *, name: str = "proportions") -> np.ndarray:
     """Validates a proportions vector and returns it normalised to the simplex as float64.
 
@@ -201,14 +232,20 @@ class Policy(ABC):
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        """A plain, versioned dict: class, version, number of domains, proportions and the policy's state."""
-        return {
-            "policy": type(self).__name__,
-            "version": self.state_version,
-            "num_domains": self.num_domains,
-            "proportions": self.proportions,
-            "state": self._get_state(),
-        }
+        """A plain, versioned dict: class, version, number of domains, proportions and the policy's state.
+
+        Numpy arrays in ``_get_state()`` are stored as plain lists (see :func:`to_plain`) and come back as
+        arrays in ``_set_state``, so checkpoints load with ``torch.load(weights_only=True)``.
+        """
+        return to_plain(
+            {
+                "policy": type(self).__name__,
+                "version": self.state_version,
+                "num_domains": self.num_domains,
+                "proportions": self.proportions,
+                "state": self._get_state(),
+            }
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores a state saved by :meth:`state_dict`; binds the policy if it is not bound yet.
@@ -231,8 +268,9 @@ class Policy(ABC):
                 f"{type(self).__name__} state_dict is for {num} domains, but this policy has {self.num_domains}"
             )
         self.bind(num)
-        self._p = np.array(state_dict["proportions"], dtype=np.float64)
-        self._set_state(state_dict["state"])
+        state = from_plain(state_dict)
+        self._p = np.array(state["proportions"], dtype=np.float64)
+        self._set_state(state["state"])
 
     def __repr__(self) -> str:
         k = self._num_domains if self._num_domains is not None else "unbound"

@@ -1,0 +1,83 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+
+def roundtrip(state: Any) -> Any:
+    """Saves and loads ``state`` the way Lightning loads a local checkpoint (``weights_only=True``)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _assert_resumes_identically(
+    make: Callable[[], Any],
+    run: Callable[[Any, int], list[Any]],
+    *,
+    before: int,
+    after: int,
+    compare: Callable[[Any, Any], None] | None = None,
+) -> None:
+    """Runs ``before + after`` steps in one go, and ``before`` steps, checkpoint, fresh object, ``after`` steps;
+    the outputs of the last ``after`` steps must be identical.
+
+    ``make()`` builds a fresh object, ``run(obj, n)`` advances it ``n`` steps and returns one output per step.
+    The state dict goes through ``torch.save``/``torch.load(weights_only=True)`` on the way.
+    """
+    whole = run(make(), before + after)
+    first = make()
+    run(first, before)
+    state = roundtrip(first.state_dict())
+    second = make()
+    second.load_state_dict(state)
+    rest = run(second, after)
+    assert len(rest) == after
+    for i, (a, b) in enumerate(zip(whole[before:], rest)):
+        if compare is not None:
+            compare(a, b)
+        else:
+            assert a == b, f"step {before + i} differs after resume: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def assert_resumes_identically() -> Callable[..., None]:
+    """The one resume check every stateful object uses (see :func:`_assert_resumes_identically`)."""
+    return _assert_resumes_identically
+
+
+import numpy as np  # noqa: E402
+
+from odm.policies import DomainStats, Policy  # noqa: E402
+
+
+class ChaseLoss(Policy):
+    """A small deterministic learned policy for tests: ``p ∝ exp(EMA of each domain's mean loss)``."""
+
+    def _init_state(self, num_domains: int) -> None:
+        self._ema = np.zeros(num_domains)
+        self._p = np.full(num_domains, 1.0 / num_domains)
+
+    def update(self, stats: DomainStats) -> None:
+        seen = stats.observed
+        self._ema[seen] = 0.5 * self._ema[seen] + 0.5 * stats.mean_loss[seen]
+        w = np.exp(self._ema - self._ema.max())
+        self._p = w / w.sum()
+
+    def _get_state(self) -> dict:
+        return {"ema": self._ema.copy()}
+
+    def _set_state(self, state: dict) -> None:
+        self._ema = np.asarray(state["ema"], dtype=np.float64).copy()
+
+
+@pytest.fixture
+def chase_loss() -> type[ChaseLoss]:
+    return ChaseLoss
