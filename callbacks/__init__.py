@@ -1,0 +1,1 @@
+"""Framework adapters, installed as ``odm.callbacks`` (the Lightning callback lands here)."""
