@@ -41,16 +41,17 @@ __all__ = [
     "policy_names",
 ]
 
-# Policies constructible from a name alone (documented defaults). Classes that need data (Fixed, Natural)
-# are listed too: their name gives a clear error asking for the instance.
-def _all_subclasses(cls: type[Policy]) -> list[type[Policy]]:
-    out = []
+def _all_subclasses(cls: type) -> list[type[Policy]]:
+    out: list[type[Policy]] = []
+    sub: type[Policy]
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_all_subclasses(sub))
     return out
 
 
+# Every policy class that sets a `name`. Classes that need data (Fixed, Natural) are listed too: their name gives
+# a clear error asking for an instance.
 _REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in _all_subclasses(Policy) if cls.name}
 
 
