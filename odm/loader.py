@@ -28,6 +28,11 @@ _STATE_VERSION = 1
 _REFUSED = ("sampler", "batch_sampler", "shuffle", "drop_last")
 
 
+def _already_collated(batch: Any) -> Any:
+    """DataLoader ``collate_fn``: the dataset yields whole, already collated batches."""
+    return batch
+
+
 def _dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -112,7 +117,11 @@ class MixtureLoader(torch.utils.data.DataLoader):
         # Recent (batch index -> that worker's row) so a checkpoint can be cut at an earlier batch than the
         # newest taken (Lightning fetches one batch ahead of the step it runs).
         self._recent: deque[tuple[int, int, list[int]]] = deque(maxlen=64)
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, **dataloader_kwargs)
+        # NOTE: the dataset collates; without a collate_fn a DataLoader with batch_size=None runs default_convert
+        # over every sample of every batch again (2/3 of the main-process time for small items).
+        super().__init__(
+            dataset, batch_size=None, num_workers=num_workers, collate_fn=_already_collated, **dataloader_kwargs
+        )
 
     @property
     def domains(self) -> list[str]:
@@ -130,6 +139,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
     def _track(self, it: Iterator[Any]) -> Iterator[Any]:
         for batch in it:
             state = batch.pop(STATE_KEY)
+            batch["domain"] = torch.from_numpy(batch["domain"])
             slot = int(state["slot"])
             row = [int(x) for x in state["row"]]
             self._taken[1 + slot] = torch.tensor(row, dtype=torch.int64)

@@ -127,6 +127,11 @@ def check_proportions(p: Any, num_domains: int | None = None, *, name: str = "pr
         arr = np.asarray(p, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise TypeError(f"`{name}` must be a sequence of numbers, got {p!r}") from err
+    if arr.ndim == 1 and arr.size and (num_domains is None or arr.shape[0] == num_domains):
+        # Fast path (one publish per step): NaN fails `min >= 0`, inf fails `total < inf`.
+        total = arr.sum()
+        if arr.min() >= 0 and 0 < total < np.inf:
+            return arr / total
     if arr.ndim != 1:
         raise ValueError(f"`{name}` must be one-dimensional, got shape {arr.shape}")
     if num_domains is not None and arr.shape[0] != num_domains:
