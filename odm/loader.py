@@ -23,7 +23,7 @@ from odm.policies import Policy
 
 __all__ = ["MixtureLoader"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 # DataLoader arguments that make no sense for a dataset that yields whole batches.
 _REFUSED = ("sampler", "batch_sampler", "shuffle", "drop_last")
 
@@ -153,6 +153,9 @@ class MixtureLoader(torch.utils.data.DataLoader):
 
         ``upto`` lets a loop that fetches ahead (Lightning) cut the state at the batch it last trained on;
         it must be one of the last 64 batches taken.
+
+        NOTE: under ``torch.distributed`` this is a collective (every rank's stream positions are gathered, so
+        the one checkpoint rank 0 writes resumes every rank): call it on every rank, as Lightning and Fabric do.
         """
         taken = self._taken.clone()
         next_batch = max(0, int(taken[0, 0]))
@@ -166,12 +169,17 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 mine = [b for b in rows if b <= upto and b % nw == slot]
                 taken[1 + slot] = torch.tensor(rows[max(mine)][1], dtype=torch.int64) if mine else -1
             next_batch = upto + 1
+        streams: list[Any] = [taken[1:].tolist()]
+        _, world = _dist_rank_world()
+        if world > 1:
+            streams = [None] * world
+            torch.distributed.all_gather_object(streams, taken[1:].tolist())
         return {
             "version": _STATE_VERSION,
             "num_workers": self._rows if self.num_workers > 0 else 0,
-            "world_size": _dist_rank_world()[1],
+            "world_size": world,
             "next_batch": next_batch,
-            "streams": taken[1:].tolist(),
+            "streams": streams,  # one block per rank
             "mixer": self.mixer.state_dict(),
         }
 
@@ -189,12 +197,12 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 f"the checkpoint was taken with num_workers={state_dict['num_workers']}, this loader has "
                 f"num_workers={nw}; each worker reads its own shard, so resume with the same num_workers"
             )
-        world = _dist_rank_world()[1]
+        rank, world = _dist_rank_world()
         if state_dict["world_size"] != world:
             raise ValueError(
                 f"the checkpoint was taken with world size {state_dict['world_size']}, this run has {world}"
             )
         self.mixer.load_state_dict(state_dict["mixer"])
-        self._taken[1:] = torch.tensor(np.asarray(state_dict["streams"]), dtype=torch.int64)
+        self._taken[1:] = torch.tensor(np.asarray(state_dict["streams"][rank]), dtype=torch.int64)
         self._taken[0, 0] = int(state_dict["next_batch"])
         self._recent.clear()

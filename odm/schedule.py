@@ -96,6 +96,11 @@ class ProportionSchedule:
                     f"`effective_from`={effective_from} is earlier than the newest row's ({int(last)}); "
                     "rows must be published in non-decreasing batch order"
                 )
+        self._append(p, int(effective_from), mode)
+
+    def _append(self, p: np.ndarray, effective_from: int, mode: int) -> None:
+        rows, count = self._np()
+        n = int(count[0])
         slot = n % self.capacity
         rows[slot, 2:] = p
         rows[slot, 1] = mode
@@ -162,7 +167,9 @@ class ProportionSchedule:
                 f"schedule state is for {state_dict['num_domains']} domains, this schedule has {self.num_domains}"
             )
         saved = state_dict["rows"][-self.capacity :]
-        _rows, count = self._np()
+        _, count = self._np()
         count[0] = 0
+        # NOTE: rows are written back as saved, not re-normalised: dividing by a sum again can move the last
+        # bit, and one bit can change a domain draw after a resume.
         for effective_from, mode, p in saved:
-            self.publish(p, effective_from=effective_from, mode=mode)
+            self._append(np.asarray(p, dtype=np.float64), int(effective_from), int(mode))

@@ -4,6 +4,7 @@ import json
 import socket
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -43,3 +44,46 @@ def test_two_ranks_read_disjoint_shards_of_every_domain(tmp_path, num_workers):
     assert not set(r0["ids"]) & set(r1["ids"]), "ranks must not read the same samples"
     assert len(set(r0["ids"])) == len(r0["ids"]), "no sample repeats within a rank's pass"
     assert r0["p"] == r1["p"]
+
+
+def _resume_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    from conftest import ChaseLoss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        data = {f"d{k}": [{"id": k * 10_000 + i} for i in range(300)] for k in range(3)}
+
+        def make():
+            return odm.MixtureLoader(data, batch_size=4, policy=ChaseLoss(), num_workers=2, seed=1)
+
+        def run(loader, n):
+            out, it = [], iter(loader)
+            for _ in range(n):
+                batch = next(it)
+                loader.mixer.observe(batch, (batch["id"] % 5).double() + rank)
+                loader.mixer.step()
+                out.append(batch["id"].tolist())
+            return out
+
+        first = make()
+        run(first, 5)
+        state = first.state_dict()  # a collective: every rank's streams end up in rank 0's copy
+        if rank == 0:
+            torch.save(state, f"{out_dir}/ckpt.pt")
+        expected = run(first, 6)
+        dist.barrier()
+        resumed = make()
+        resumed.load_state_dict(torch.load(f"{out_dir}/ckpt.pt", weights_only=True))  # rank 0's file
+        got = run(resumed, 6)
+        with open(f"{out_dir}/resume{rank}.json", "w") as f:
+            json.dump({"expected": expected, "got": got}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_exactly_from_the_checkpoint_rank_zero_wrote(tmp_path):
+    mp.spawn(_resume_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = json.loads((tmp_path / f"resume{r}.json").read_text())
+        assert res["got"] == res["expected"], f"rank {r} resumed differently"

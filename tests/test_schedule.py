@@ -92,3 +92,13 @@ def test_schedule_rejects_bad_construction_arguments():
         ProportionSchedule(2, capacity=1)
     with pytest.raises(ValueError, match="non-negative"):
         ProportionSchedule(2).publish([1, 1], effective_from=-1)
+
+
+def test_state_round_trip_keeps_every_row_bit_for_bit():
+    rng = np.random.default_rng(0)
+    s = ProportionSchedule(5, capacity=512)
+    for b in range(1, 300):
+        s.publish(rng.dirichlet(np.ones(5)) * rng.uniform(0.1, 10), effective_from=b)
+    t = ProportionSchedule(5, capacity=512)
+    t.load_state_dict(s.state_dict())
+    assert [(e, m, p.tobytes()) for e, m, p in t.rows()] == [(e, m, p.tobytes()) for e, m, p in s.rows()]
