@@ -41,6 +41,7 @@ __all__ = [
     "policy_names",
 ]
 
+
 def _all_subclasses(cls: type) -> list[type[Policy]]:
     out: list[type[Policy]] = []
     sub: type[Policy]

@@ -1,3 +1,433 @@
-"""Placeholder: this module's policies are being written (see the open issues)."""
+"""ADO: sample domains by how fast their fitted scaling laws say they are still learning.
 
-__all__: list[str] = []
+Jiang et al. 2024, "Adaptive Data Optimization: Dynamic Sample Selection with Scaling Laws". Per domain the
+smoothed training loss is fitted with ``L̂_i(n) = e^{E_i} + e^{a_i}·n^{−α_i}`` (``n`` = samples seen by the run);
+the slope of the fit, a credit for the domain's recent share of the data and the prior give the proportions.
+See ALGORITHMS.md, "ADO".
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from odm.policies.base import TRAIN_LOSS, DomainStats, Policy, check_proportions
+
+__all__ = ["ADO", "apply_floor", "fit_power_law", "power_law", "savgol_smooth"]
+
+ALPHA_MAX = 0.8  # bound on the fitted exponent
+ALPHA_MIN_SLOPE = 0.05  # exponent floor in the learning speed
+CREDIT_DECAY = 0.9  # h ← 0.9·h + 0.1·share
+MEAN_WEIGHT = 0.9  # π = 0.9·π̄ + 0.1·ρ
+
+
+def power_law(params: np.ndarray, n: np.ndarray | float) -> np.ndarray:
+    """``L̂(n) = e^E + e^a·n^{−α}`` for ``params[..., :] = (a, E, α)``."""
+    a, e, alpha = params[..., 0], params[..., 1], params[..., 2]
+    return np.exp(e) + np.exp(a - alpha * np.log(n))
+
+
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+    ar = np.abs(r)
+    m = np.minimum(ar, delta)  # 0.5·r² inside ±δ, δ·(|r| − δ/2) outside
+    return m * (ar - 0.5 * m)
+
+
+def fit_power_law(
+    n: np.ndarray,
+    loss: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    delta: float = 1e-3,
+    num_alphas: int = 17,
+    num_starts: int = 2,
+    num_iters: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fits ``log L ≈ log(e^E + e^a·n^{−α})`` per row of ``loss`` with a Huber loss, ``α ∈ [0, 0.8]``.
+
+    Vectorised over domains and initialisations: a grid of ``num_alphas`` exponents, each with the
+    least-squares ``(e^E, e^a)`` of the (linear, given ``α``) model, seeds ``num_starts`` damped Gauss-Newton
+    (Levenberg-Marquardt on iteratively reweighted Huber residuals) runs per domain; ``α`` is projected onto
+    its bounds after each step and the best run per domain is kept.
+
+    Args:
+        n: ``(T,)`` positive sample counts.
+        loss: ``(K, T)`` positive losses.
+        mask: ``(K, T)`` points to use (default: the finite, positive ones).
+        delta: Huber threshold, in log-loss units.
+        num_alphas: size of the exponent grid of initialisations.
+        num_starts: initialisations refined per domain.
+        num_iters: most refinement iterations (a run stops once it gains under 1e-10, relative, twice).
+
+    Returns:
+        ``(params, ok)``: ``(K, 3)`` rows ``(a, E, α)`` and a ``(K,)`` mask of the finite fits (a row with fewer
+        than 3 usable points is not fitted).
+    """
+    n = np.asarray(n, dtype=np.float64)
+    y_lin = np.asarray(loss, dtype=np.float64)
+    k = y_lin.shape[0]
+    valid = np.isfinite(y_lin) & (y_lin > 0) & (n > 0)[None, :]
+    if mask is not None:
+        valid &= mask
+    enough = valid.sum(axis=1) >= 3
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(valid, np.log(np.where(valid, y_lin, 1.0)), 0.0)
+    wmask = valid.astype(np.float64)
+    log_n = np.log(np.where(n > 0, n, 1.0))
+    log_n2 = log_n * log_n
+
+    # Grid: for each α the model is linear in (c1 = e^E, c2 = e^a): closed-form weighted least squares.
+    alphas = np.linspace(0.0, ALPHA_MAX, num_alphas)
+    x = np.exp(-alphas[:, None] * log_n[None, :])  # (G, T)
+    yl = np.where(valid, y_lin, 0.0)
+    sw = wmask.sum(1)[:, None]  # (K, 1)
+    sx = wmask @ x.T  # (K, G)
+    sxx = wmask @ (x * x).T
+    sy = yl.sum(1)[:, None]
+    sxy = yl @ x.T
+    den = sw * sxx - sx * sx
+    safe = den > 1e-12 * np.maximum(sw * sxx, 1e-300)
+    c2 = np.where(safe, (sw * sxy - sx * sy) / np.where(safe, den, 1.0), 0.0)
+    c1 = (sy - c2 * sx) / np.maximum(sw, 1.0)
+    scale = np.maximum(sy / np.maximum(sw, 1.0), 1e-12)
+    c1 = np.maximum(c1, 1e-3 * scale)
+    c2 = np.maximum(c2, 1e-3 * scale)
+    grid = np.stack([np.log(c2), np.log(c1), np.broadcast_to(alphas, c1.shape)], axis=-1)  # (K, G, 3)
+
+    def residuals(theta: np.ndarray, yr: np.ndarray, wr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # f = log(e^u + e^E) = E + softplus(u − E), u = a − α·log n;  s1 = ∂f/∂a = sigmoid(u − E).
+        d = theta[..., 0:1] - theta[..., 2:3] * log_n - theta[..., 1:2]
+        e = np.exp(-np.abs(d))
+        r = theta[..., 1:2] + np.maximum(d, 0.0) + np.log1p(e) - yr
+        s1 = np.where(d >= 0, 1.0, e) / (1.0 + e)
+        return r, s1, (_huber(r, delta) * wr).sum(-1)
+
+    rows_g = np.broadcast_to(np.arange(k)[:, None], (k, num_alphas))
+    obj_g = residuals(grid, y[rows_g], wmask[rows_g])[2]
+    starts = np.argsort(obj_g, axis=1, kind="stable")[:, : min(num_starts, num_alphas)]
+    s = starts.shape[1]
+    theta = np.take_along_axis(grid, starts[..., None], axis=1).reshape(k * s, 3)
+    rows = np.repeat(np.arange(k), s)
+    yr, wr = y[rows], wmask[rows]
+    r, s1, obj = residuals(theta, yr, wr)
+    lam = np.full(k * s, 1e-3)
+    stalled = np.zeros(k * s, dtype=np.int64)
+    eye = np.eye(3)
+    for _ in range(num_iters):
+        # Only runs still improving are iterated: the easy ones stop early and cost nothing after.
+        act = np.flatnonzero(stalled < 2)
+        if act.size == 0:
+            break
+        th, ra, sa, la = theta[act], r[act], s1[act], lam[act]
+        # Normal equations of the IRLS-weighted Gauss-Newton step, Jacobian rows (s1, 1 − s1, −log n·s1),
+        # assembled from a few weighted sums instead of a (P, T, 3) tensor.
+        w = wr[act] * (delta / np.maximum(np.abs(ra), delta))  # IRLS weights of the Huber loss
+        ws1, wra = w * sa, w * ra
+        q = ws1 * sa
+        sw, sws1, sq = w.sum(1), ws1.sum(1), q.sum(1)
+        ql, ql2, ws1l = q @ log_n, q @ log_n2, ws1 @ log_n
+        h = np.empty((act.size, 3, 3))
+        h[:, 0, 0] = sq
+        h[:, 0, 1] = h[:, 1, 0] = sws1 - sq
+        h[:, 1, 1] = sw - 2.0 * sws1 + sq
+        h[:, 0, 2] = h[:, 2, 0] = -ql
+        h[:, 1, 2] = h[:, 2, 1] = -(ws1l - ql)
+        h[:, 2, 2] = ql2
+        wrs = wra * sa
+        g0 = wrs.sum(1)
+        g = np.stack([g0, wra.sum(1) - g0, -(wrs @ log_n)], axis=1)
+        diag = np.diagonal(h, axis1=1, axis2=2)
+        damp = h + (la[:, None, None] * (diag[:, :, None] + 1e-12)) * eye + 1e-12 * eye
+        cand = th - np.linalg.solve(damp, g[..., None])[..., 0]
+        cand[:, 2] = np.clip(cand[:, 2], 0.0, ALPHA_MAX)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cr, cs1, cobj = residuals(cand, yr[act], wr[act])
+        better = np.isfinite(cobj) & (cobj < obj[act])
+        gain = np.where(better, (obj[act] - cobj) / np.maximum(obj[act], 1e-300), 0.0)
+        up = act[better]
+        theta[up], r[up], s1[up], obj[up] = cand[better], cr[better], cs1[better], cobj[better]
+        lam[act] = np.where(better, la / 3.0, np.minimum(la * 4.0, 1e8))
+        # Converged: no relative gain above 1e-10 twice in a row (a rejected step may precede a good one).
+        stalled[act] = np.where(gain < 1e-10, stalled[act] + 1, 0)
+    obj = np.where(np.isfinite(obj) & np.all(np.isfinite(theta), axis=1), obj, np.inf).reshape(k, s)
+    best = obj.argmin(axis=1)
+    params = theta.reshape(k, s, 3)[np.arange(k), best]
+    ok = enough & np.isfinite(obj[np.arange(k), best]) & np.all(np.isfinite(params), axis=1)
+    return params, ok
+
+
+def savgol_smooth(y: np.ndarray, window: int, order: int = 3) -> np.ndarray:
+    """Savitzky-Golay smoothing along the last axis (local polynomial least squares; edges fitted too).
+
+    The window shrinks to the longest odd length available; with fewer points than ``order + 2`` it is a no-op.
+    """
+    t = y.shape[-1]
+    w = min(window, t if t % 2 else t - 1)
+    if w <= order:
+        return y.copy()
+    h = w // 2
+    v = np.vander(np.arange(-h, h + 1, dtype=np.float64), order + 1, increasing=True)
+    hat = v @ np.linalg.pinv(v)  # (w, w): row i = smoothed value at window position i
+    out = np.empty_like(y)
+    out[..., h : t - h] = sliding_window_view(y, w, axis=-1) @ hat[h]
+    out[..., :h] = y[..., :w] @ hat[:h].T
+    out[..., t - h :] = y[..., t - w :] @ hat[h + 1 :].T
+    return out
+
+
+def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
+    """The distribution ``max(c·p, floor)`` summing to 1 (water-filling): entries below ``floor`` are lifted to
+    it and the others scaled down by a common factor, so every entry is ``≥ floor`` and the order is kept."""
+    k = p.shape[0]
+    if floor <= 0:
+        return p / p.sum()
+    order = np.argsort(p, kind="stable")
+    ps = p[order]
+    suffix = np.cumsum(ps[::-1])[::-1]  # suffix[m] = Σ_{i≥m} ps[i]
+    m_idx = np.arange(k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = (1.0 - m_idx * floor) / suffix
+    ok = (c * ps >= floor) & (suffix > 0)
+    out = np.full(k, floor)
+    if ok.any():
+        m = int(np.argmax(ok))
+        out[order[m:]] = c[m] * ps[m:]
+    return out / out.sum()
+
+
+def _credit(h: np.ndarray, mode: str) -> np.ndarray:
+    return np.sqrt(h) if mode == "sqrt" else np.sqrt(h * (1.0 - h))
+
+
+class ADO(Policy):
+    """Adaptive Data Optimization: proportions from online per-domain scaling-law fits.
+
+    Every ``update_interval`` updates from ``start_step`` on, each domain's smoothed training-loss history
+    (per-domain mean loss in bins of ``bin_size`` updates, Savitzky-Golay smoothed over ``smoothing`` bins) is
+    fitted with :func:`fit_power_law`; only finite fits replace a domain's parameters. Every update then:
+
+    * ``h ← 0.9·h + 0.1·(realised batch share)``, ``h`` starting at the prior ``μ``;
+    * learning speed ``v_i = max(α_i, 0.05)·(L̂_i(n) − e^{E_i}) / n`` (``n`` = samples seen so far);
+    * score ``ρ_i ∝ μ_i·sqrt(h_i)·v_i``, normalised, floored at ``floor`` (:func:`apply_floor`);
+    * ``π̄ ← π̄ + (ρ − π̄)/(t + 1)`` (running mean of ``ρ`` over all updates, ``π̄_0 = μ``, ``ρ = μ`` before
+      every domain has a fit, as the authors' code weighs it); proportions ``π = 0.9·π̄ + 0.1·ρ``.
+
+    ``n`` is the policy's own count of observed samples (``Σ stats.count``, the mixer's ``num_samples``), so a
+    fit cannot be fooled by per-update ``num_samples``. ``π ≥ floor`` once ``μ ≥ floor``; ``π ≥ 0.1·floor``
+    always. Losses must be positive (cross-entropy); other points are left out of the fit.
+
+    Args:
+        prior: ``μ`` (e.g. natural proportions); default uniform.
+        start_step: first update at which a fit may run.
+        update_interval: fit at updates ``t ≥ start_step`` with ``t % update_interval == 0``.
+        ignore_steps: updates at the start of the run left out of the history (the early transient).
+        floor: probability floor of ``ρ``; ``floor·K ≤ 1``.
+        credit: ``"sqrt"`` (``sqrt(h)``, as ALGORITHMS.md specifies) or ``"sqrt_var"`` (``sqrt(h·(1−h))``,
+            the authors' released code).
+        bin_size: updates per history point; adjacent points merge (and the size doubles) beyond
+            ``max_points``, so the history and the fit cost stay bounded over any run length.
+        max_points: most history points kept.
+        smoothing: Savitzky-Golay window, in history points (odd; 1 disables it).
+        huber_delta: Huber threshold of the fit, in log-loss units.
+
+    Example:
+        >>> ado = ADO(start_step=10, update_interval=10).bind(2)
+        >>> ado.proportions
+        array([0.5, 0.5])
+    """
+
+    name = "ado"
+    requires = frozenset({TRAIN_LOSS})
+
+    def __init__(
+        self,
+        prior: Sequence[float] | np.ndarray | None = None,
+        *,
+        start_step: int = 1000,
+        update_interval: int = 1000,
+        ignore_steps: int = 0,
+        floor: float = 0.01,
+        credit: str = "sqrt",
+        bin_size: int = 10,
+        max_points: int = 2000,
+        smoothing: int = 11,
+        huber_delta: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        for arg, val, low in (
+            ("start_step", start_step, 0),
+            ("update_interval", update_interval, 1),
+            ("ignore_steps", ignore_steps, 0),
+            ("bin_size", bin_size, 1),
+            ("max_points", max_points, 4),
+            ("smoothing", smoothing, 1),
+        ):
+            if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < low:
+                raise ValueError(f"`{arg}` must be an integer >= {low}, got {val!r}")
+        if smoothing % 2 == 0:
+            raise ValueError(f"`smoothing` must be odd (a centred window), got {smoothing!r}")
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < 1:
+            raise ValueError(f"`floor` must be a number in [0, 1), got {floor!r}")
+        if credit not in ("sqrt", "sqrt_var"):
+            raise ValueError(f"`credit` must be 'sqrt' or 'sqrt_var', got {credit!r}")
+        if not isinstance(huber_delta, int | float) or not huber_delta > 0:
+            raise ValueError(f"`huber_delta` must be a number > 0, got {huber_delta!r}")
+        self.start_step, self.update_interval, self.ignore_steps = int(start_step), int(update_interval), ignore_steps
+        self.floor, self.credit = float(floor), credit
+        self.max_points, self.smoothing, self.huber_delta = int(max_points), int(smoothing), float(huber_delta)
+        self._initial_bin_size = int(bin_size)
+        self.prior = None if prior is None else check_proportions(prior, name="prior")
+        if self.prior is not None:
+            self.bind(len(self.prior))
+
+    def _init_state(self, num_domains: int) -> None:
+        k = num_domains
+        if self.floor * k > 1:
+            raise ValueError(f"`floor`={self.floor} is infeasible for {k} domains (floor·K must be <= 1)")
+        if self.prior is not None and len(self.prior) != k:
+            raise ValueError(f"`prior` has {len(self.prior)} entries but the mixer has {k} domains")
+        self._mu = self.prior.copy() if self.prior is not None else np.full(k, 1.0 / k)
+        self._p = self._mu.copy()
+        self._h = self._mu.copy()
+        self._pi_bar = self._mu.copy()
+        self._rho = self._mu.copy()
+        self._params = np.full((k, 3), np.nan)
+        self._fitted = np.zeros(k, dtype=bool)
+        self._updates = 0
+        self._n = 0.0
+        self._bin_size = self._initial_bin_size
+        self._bin = np.zeros(2 * k + 2)  # current bin: loss sums, counts, Σn, number of updates
+        self._hist = np.zeros((0, 2 * k + 2))  # completed bins, same layout
+
+    def _get_state(self) -> dict[str, Any]:
+        return {
+            "h": self._h.tolist(),
+            "pi_bar": self._pi_bar.tolist(),
+            "rho": self._rho.tolist(),
+            "params": self._params.tolist(),
+            "fitted": self._fitted.tolist(),
+            "updates": self._updates,
+            "n": self._n,
+            "bin_size": self._bin_size,
+            "bin": self._bin.tolist(),
+            "hist": self._hist.tolist(),
+        }
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        k = self.num_domains
+        self._h = np.array(state["h"], dtype=np.float64)
+        self._pi_bar = np.array(state["pi_bar"], dtype=np.float64)
+        self._rho = np.array(state["rho"], dtype=np.float64)
+        self._params = np.array(state["params"], dtype=np.float64).reshape(k, 3)
+        self._fitted = np.array(state["fitted"], dtype=bool)
+        self._updates = int(state["updates"])
+        self._n = float(state["n"])
+        self._bin_size = int(state["bin_size"])
+        self._bin = np.array(state["bin"], dtype=np.float64)
+        self._hist = np.array(state["hist"], dtype=np.float64).reshape(-1, 2 * k + 2)
+
+    # -- public face ---------------------------------------------------------------------------------------
+    @property
+    def params(self) -> np.ndarray:
+        """``(K, 3)`` fitted ``(a, E, α)`` per domain; NaN rows for domains not fitted yet."""
+        return self._params.copy()
+
+    @property
+    def credit_share(self) -> np.ndarray:
+        """``h``, the smoothed realised share of each domain."""
+        return self._h.copy()
+
+    @property
+    def score(self) -> np.ndarray:
+        """``ρ``, the last floored score (``μ`` before the first fit)."""
+        return self._rho.copy()
+
+    def history(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fit's data: ``(n, loss)`` with ``n`` ``(T,)`` and per-domain mean losses ``(K, T)`` (NaN: no
+        sample of the domain in that bin), before smoothing."""
+        k = self.num_domains
+        sums, cnt = self._hist[:, :k], self._hist[:, k : 2 * k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            loss = np.where(cnt > 0, sums / np.where(cnt > 0, cnt, 1.0), np.nan).T
+        n = self._hist[:, 2 * k] / np.maximum(self._hist[:, 2 * k + 1], 1.0)
+        return n, loss
+
+    def update(self, stats: DomainStats) -> None:
+        k = self.num_domains
+        if stats.num_domains != k:
+            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
+        if not (np.all(np.isfinite(stats.loss_sum)) and np.all(np.isfinite(stats.count))):
+            warnings.warn("odm: ADO skipped an update with non-finite losses or counts", RuntimeWarning, 2)
+            return
+        total = float(stats.count.sum())
+        if total <= 0:
+            return
+        self._updates += 1
+        self._n += total
+        self._h = CREDIT_DECAY * self._h + (1.0 - CREDIT_DECAY) * stats.count / total
+        if self._updates > self.ignore_steps:
+            self._record(stats)
+        t = self._updates
+        if t >= self.start_step and t % self.update_interval == 0 and len(self._hist) >= 3:
+            self._fit()
+        self._rho = self._score() if self._ready() else self._mu.copy()
+        self._pi_bar = self._pi_bar + (self._rho - self._pi_bar) / (t + 1)
+        self._p = MEAN_WEIGHT * self._pi_bar + (1.0 - MEAN_WEIGHT) * self._rho
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _record(self, stats: DomainStats) -> None:
+        k = self.num_domains
+        self._bin[:k] += stats.loss_sum
+        self._bin[k : 2 * k] += stats.count
+        self._bin[2 * k] += self._n
+        self._bin[2 * k + 1] += 1
+        if self._bin[2 * k + 1] >= self._bin_size:
+            self._hist = np.vstack([self._hist, self._bin[None]])
+            self._bin = np.zeros(2 * k + 2)
+            if len(self._hist) > self.max_points:
+                # Merge adjacent bins (sums add up exactly); an odd last bin stays as it is.
+                even = len(self._hist) // 2 * 2
+                merged = self._hist[:even].reshape(-1, 2, 2 * k + 2).sum(axis=1)
+                self._hist = np.vstack([merged, self._hist[even:]])
+                self._bin_size *= 2
+
+    def _fit(self) -> None:
+        n, loss = self.history()
+        mask = np.isfinite(loss)
+        if self.smoothing > 1:
+            loss = savgol_smooth(_fill_gaps(loss), self.smoothing)
+        params, ok = fit_power_law(n, loss, mask, delta=self.huber_delta)
+        self._params[ok] = params[ok]
+        self._fitted |= ok
+
+    def _ready(self) -> bool:
+        return bool(np.all(self._fitted | (self._mu == 0)))
+
+    def _score(self) -> np.ndarray:
+        a, alpha = self._params[:, 0], self._params[:, 2]
+        log_n = np.log(self._n)
+        # log v = log max(α, 0.05) + a − α·log n − log n   (L̂ − e^E = e^a·n^{−α})
+        log_v = np.log(np.maximum(alpha, ALPHA_MIN_SLOPE)) + a - alpha * log_n - log_n
+        with np.errstate(divide="ignore"):
+            logits = np.log(self._mu) + np.log(_credit(self._h, self.credit)) + np.where(self._fitted, log_v, 0.0)
+        if not np.any(np.isfinite(logits)):
+            return self._mu.copy()
+        logits = np.where(np.isfinite(logits), logits, -np.inf)
+        z = np.exp(logits - logits.max())
+        return apply_floor(z / z.sum(), self.floor)
+
+
+def _fill_gaps(loss: np.ndarray) -> np.ndarray:
+    """Forward-fills NaN along the last axis (leading NaN take the first value) so smoothing sees no holes."""
+    valid = np.isfinite(loss)
+    t = loss.shape[-1]
+    idx = np.where(valid, np.arange(t), 0)
+    np.maximum.accumulate(idx, axis=-1, out=idx)
+    first = np.argmax(valid, axis=-1)
+    idx = np.where(np.cumsum(valid, axis=-1) > 0, idx, first[:, None])
+    out = np.take_along_axis(loss, idx, axis=-1)
+    return np.where(np.isfinite(out), out, 0.0)

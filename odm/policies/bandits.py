@@ -1,3 +1,371 @@
-"""Placeholder: this module's policies are being written (see the open issues)."""
+"""EXP3-family bandits over domains, and the reward machinery every bandit policy shares.
 
-__all__: list[str] = []
+One *pull* of domain ``i`` in an update is its samples in that update (``count_i > 0``). A pull counts with
+its *share* ``s_i = count_i / Σ_j count_j`` of the update's samples: with batch granularity (one domain per
+update) the drawn domain has ``s_i = 1``, exactly the textbook bandit; with sample granularity (every batch
+mixes domains) the shares sum to 1 over the domains drawn. Importance-weighted estimates use
+``x̂_i = x_i · s_i / p_i`` (``p`` = the proportions the batches were drawn under), which is ``x_i / p_i`` for a
+single pull and stays unbiased (``E[s_i] = p_i``) when an update mixes domains.
+
+Rewards (``reward=``):
+
+* ``"loss"``: the domain's mean training loss in the update (ODM's reward). Favours whatever is hardest,
+  including data that cannot be learned.
+* ``"progress"``: learning progress (Graves et al. 2017, "Automated Curriculum Learning for Neural
+  Networks"). Per domain, an EMA of its mean loss over its pulls, ``ℓ̄_i ← β·ℓ̄_i + (1−β)·L_i``; the raw
+  progress of a pull is the decrease of ``ℓ̄_i`` since the domain's previous pull, and the reward is an EMA
+  of that decrease, ``g_i ← β_g·g_i + (1−β_g)·(ℓ̄_i^old − ℓ̄_i^new)`` (a domain's first pull gives no
+  progress). NOTE: a single pull's decrease is far below one batch's noise; both smoothings are what keep a
+  progress bandit from chasing noise.
+
+Scaling into ``[0, 1]`` (EXP3 needs bounded rewards): a running scale ``M``, the exponentially decayed running
+maximum of ``|raw reward|`` over pulled domains, ``M ← max(δ·M, max_i |raw_i|)`` (``δ`` = ``scale_decay``,
+``δ = 1`` an all-time maximum). Loss rewards map to ``clip(L/M, 0, 1)``; progress rewards to
+``(1 + clip(g/M, −1, 1)) / 2`` (no progress = 1/2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from odm.policies.base import DomainStats, Policy
+
+__all__ = ["EXP3", "EXP3S", "exp3_update", "exp3s_update", "importance_estimates", "scaled_rewards"]
+
+REWARDS = ("loss", "progress")
+# Smallest proportion used as an importance-weight denominator (a domain drawn under p = 0 can only come from
+# an override; it must not turn into a division by zero).
+MIN_PROPORTION = 1e-12
+
+
+# -- argument checks shared by the bandit modules -------------------------------------------------------------
+def check_open_unit(name: str, value: Any) -> float:
+    """Returns ``value`` as float if it lies strictly inside ``(0, 1)``, else raises ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"`{name}` must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def check_rate(name: str, value: Any, *, upper: float = math.inf) -> float:
+    """Returns ``value`` as float if it is finite, ``> 0`` and ``<= upper``, else raises ``ValueError``."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or not 0.0 < float(value) <= upper:
+        bound = "" if upper == math.inf else f" and <= {upper:g}"
+        raise ValueError(f"`{name}` must be a finite number > 0{bound}, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return str(value)
+
+
+def usable_stats(stats: DomainStats, num_domains: int, policy: str) -> bool:
+    """Checks the shapes of ``stats``; returns False (with a warning) when a drawn domain has a non-finite loss.
+
+    Raises:
+        ValueError: if the arrays do not have one entry per domain.
+    """
+    for field in ("loss_sum", "count", "proportions"):
+        shape = np.shape(getattr(stats, field))
+        if shape != (num_domains,):
+            raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
+    bad = stats.observed & ~np.isfinite(stats.loss_sum)
+    if bad.any() or not np.all(np.isfinite(stats.count)):
+        warnings.warn(
+            f"odm: {policy} skipped update {stats.step}: non-finite loss for domain(s) "
+            f"{np.flatnonzero(bad).tolist()}; its state is unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return bool(stats.observed.any())
+
+
+# -- pure functions -------------------------------------------------------------------------------------------
+def importance_estimates(values: np.ndarray, count: np.ndarray, proportions: np.ndarray) -> np.ndarray:
+    """Importance-weighted estimates ``x̂_i = x_i·s_i/p_i`` for pulled domains (``s_i`` their sample share), 0
+    for the others. ``values`` may hold NaN where ``count == 0``."""
+    total = count.sum()
+    share = count / total if total > 0 else np.zeros_like(count)
+    pulled = count > 0
+    with np.errstate(invalid="ignore"):
+        est = values * share / np.maximum(proportions, MIN_PROPORTION)
+    return np.where(pulled, est, 0.0)
+
+
+def scaled_rewards(
+    mean_loss: np.ndarray,
+    pulled: np.ndarray,
+    smoothed_loss: np.ndarray,
+    progress: np.ndarray,
+    scale: float,
+    *,
+    reward: str,
+    loss_smoothing: float,
+    progress_smoothing: float,
+    scale_decay: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """One update of the shared reward signal (see the module docstring for the formulas).
+
+    Args:
+        mean_loss: ``(K,)`` mean loss per domain (any value where not pulled).
+        pulled: ``(K,)`` bool, domains drawn in this update.
+        smoothed_loss: ``(K,)`` EMA of each domain's loss over its pulls; NaN before its first pull.
+        progress: ``(K,)`` EMA of the per-pull decrease of ``smoothed_loss``.
+        scale: running scale ``M`` (0 before any reward).
+
+    Returns:
+        ``(rewards, smoothed_loss, progress, scale)``: rewards in ``[0, 1]`` (0 where not pulled) and the new
+        state.
+    """
+    loss = np.where(pulled, mean_loss, 0.0)
+    seen = ~np.isnan(smoothed_loss)
+    again = pulled & seen
+    first = pulled & ~seen
+    blended = loss_smoothing * np.where(seen, smoothed_loss, 0.0) + (1.0 - loss_smoothing) * loss
+    new_smoothed = np.where(again, blended, np.where(first, loss, smoothed_loss))
+    if reward == "loss":
+        raw = loss
+        new_progress = progress
+    else:
+        decrease = np.where(again, smoothed_loss - new_smoothed, 0.0)
+        new_progress = np.where(again, progress_smoothing * progress + (1.0 - progress_smoothing) * decrease, progress)
+        raw = np.where(pulled, new_progress, 0.0)
+    peak = float(np.abs(raw).max()) if pulled.any() else 0.0
+    new_scale = max(scale_decay * scale, peak)
+    ratio = raw / new_scale if new_scale > 0 else np.zeros_like(raw)
+    if reward == "loss":
+        rewards = np.clip(ratio, 0.0, 1.0)
+    else:
+        rewards = 0.5 * (1.0 + np.clip(ratio, -1.0, 1.0))
+    return np.where(pulled, rewards, 0.0), new_smoothed, new_progress, new_scale
+
+
+def logsumexp(x: np.ndarray) -> float:
+    """``ln Σ exp(x_i)``, shifted by the maximum (``np.logaddexp.reduce`` is exact too, but ~10x slower)."""
+    top = float(x.max())
+    if not math.isfinite(top):
+        return top
+    return top + math.log(float(np.exp(x - top).sum()))
+
+
+def exp3_update(gains: np.ndarray, estimates: np.ndarray, gamma: float, eta: float) -> tuple[np.ndarray, np.ndarray]:
+    """EXP3 (Auer et al. 2002, "The Nonstochastic Multiarmed Bandit Problem").
+
+    ``G_i ← G_i + x̂_i``;  ``p = (1−γ)·softmax(η·G) + γ/K``.
+
+    ``G`` is returned shifted so that ``max G = 0`` (softmax is shift-invariant), which keeps it bounded for
+    millions of updates.
+
+    Returns:
+        ``(gains, proportions)``.
+    """
+    g = gains + estimates
+    g -= g.max()
+    w = np.exp(eta * g)
+    p = (1.0 - gamma) * (w / w.sum()) + gamma / g.shape[0]
+    return g, p
+
+
+def exp3s_update(
+    log_weights: np.ndarray, estimates: np.ndarray, gamma: float, eta: float, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """EXP3.S (Auer et al. 2002), weight sharing so the policy recovers when the best domain changes.
+
+    ``w_i ← w_i·exp(η·x̂_i) + (e·α/K)·Σ_j w_j``;  ``p = (1−γ)·w/Σw + γ/K`` (Auer's ``η = γ/K``).
+
+    Weights are kept in log space and normalised (``Σw = 1``) after every update; the rule is homogeneous in
+    ``w``, so this changes nothing but the overflow.
+
+    Returns:
+        ``(log_weights, proportions)``.
+    """
+    k = log_weights.shape[0]
+    lw = np.logaddexp(log_weights - logsumexp(log_weights) + eta * estimates, math.log(math.e * alpha / k))
+    lw -= logsumexp(lw)
+    p = (1.0 - gamma) * np.exp(lw) + gamma / k
+    return lw, p
+
+
+# -- the shared stateful part ---------------------------------------------------------------------------------
+class BanditPolicy(Policy):
+    """Base of the bandit policies: reward choice, its smoothing and scaling, and their state.
+
+    Args:
+        reward: ``"loss"`` or ``"progress"``.
+        loss_smoothing: ``β``, EMA weight on the old smoothed loss (progress reward), in ``(0, 1)``.
+        progress_smoothing: ``β_g``, EMA weight on the old progress, in ``(0, 1)``.
+        scale_decay: ``δ`` of the running reward scale, in ``(0, 1]``.
+    """
+
+    def __init__(
+        self,
+        *,
+        reward: str = "loss",
+        loss_smoothing: float = 0.9,
+        progress_smoothing: float = 0.9,
+        scale_decay: float = 0.999,
+    ) -> None:
+        super().__init__()
+        self.reward = check_choice("reward", reward, REWARDS)
+        self.loss_smoothing = check_open_unit("loss_smoothing", loss_smoothing)
+        self.progress_smoothing = check_open_unit("progress_smoothing", progress_smoothing)
+        self.scale_decay = check_rate("scale_decay", scale_decay, upper=1.0)
+
+    def _init_rewards(self, num_domains: int) -> None:
+        self._smoothed_loss = np.full(num_domains, np.nan)
+        self._progress = np.zeros(num_domains)
+        self._scale = 0.0
+
+    def _rewards(self, stats: DomainStats) -> np.ndarray:
+        rewards, self._smoothed_loss, self._progress, self._scale = scaled_rewards(
+            stats.mean_loss,
+            stats.observed,
+            self._smoothed_loss,
+            self._progress,
+            self._scale,
+            reward=self.reward,
+            loss_smoothing=self.loss_smoothing,
+            progress_smoothing=self.progress_smoothing,
+            scale_decay=self.scale_decay,
+        )
+        return rewards
+
+    def _reward_state(self) -> dict[str, Any]:
+        return {"smoothed_loss": self._smoothed_loss.copy(), "progress": self._progress.copy(), "scale": self._scale}
+
+    def _set_reward_state(self, state: dict[str, Any]) -> None:
+        self._smoothed_loss = np.array(state["smoothed_loss"], dtype=np.float64)
+        self._progress = np.array(state["progress"], dtype=np.float64)
+        self._scale = float(state["scale"])
+
+
+class EXP3(BanditPolicy):
+    """EXP3 over domains (Auer et al. 2002) with bounded loss or learning-progress rewards.
+
+    ``G_i += r_i·s_i/p_i`` for pulled domains, ``p = (1−γ)·softmax(η·G) + γ/K`` (see :func:`exp3_update` and
+    the module docstring for ``r``, ``s`` and the scaling). Every proportion stays ``≥ γ/K``.
+
+    Args:
+        gamma: exploration ``γ ∈ (0, 1]``.
+        eta: learning rate ``η > 0``; default ``γ/K`` (Auer et al.).
+        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`.
+
+    Example:
+        >>> from odm.policies import DomainStats
+        >>> policy = EXP3(gamma=0.2).bind(2)
+        >>> policy.update(DomainStats.from_losses([3.0, float("nan")], [0.5, 0.5]))
+        >>> policy.proportions.round(4)
+        array([0.5399, 0.4601])
+    """
+
+    name = "exp3"
+
+    def __init__(
+        self,
+        gamma: float = 0.1,
+        *,
+        eta: float | None = None,
+        reward: str = "loss",
+        loss_smoothing: float = 0.9,
+        progress_smoothing: float = 0.9,
+        scale_decay: float = 0.999,
+    ) -> None:
+        super().__init__(
+            reward=reward,
+            loss_smoothing=loss_smoothing,
+            progress_smoothing=progress_smoothing,
+            scale_decay=scale_decay,
+        )
+        self.gamma = check_rate("gamma", gamma, upper=1.0)
+        self.eta = None if eta is None else check_rate("eta", eta)
+
+    def _learning_rate(self) -> float:
+        return self.gamma / self.num_domains if self.eta is None else self.eta
+
+    def _init_state(self, num_domains: int) -> None:
+        self._init_rewards(num_domains)
+        self._gains = np.zeros(num_domains)
+        self._p = np.full(num_domains, 1.0 / num_domains)
+
+    def update(self, stats: DomainStats) -> None:
+        if not usable_stats(stats, self.num_domains, type(self).__name__):
+            return
+        estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
+        self._gains, self._p = exp3_update(self._gains, estimates, self.gamma, self._learning_rate())
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"gains": self._gains.copy(), **self._reward_state()}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._gains = np.array(state["gains"], dtype=np.float64)
+        self._set_reward_state(state)
+
+
+class EXP3S(EXP3):
+    """EXP3.S over domains (Auer et al. 2002): EXP3 plus weight sharing, for a best domain that changes.
+
+    ``w_i ← w_i·exp(η·r_i·s_i/p_i) + (e·α/K)·Σ_j w_j``, ``p = (1−γ)·w/Σw + γ/K`` (see :func:`exp3s_update`).
+
+    Args:
+        gamma: exploration ``γ ∈ (0, 1]``.
+        alpha: weight sharing ``α ∈ (0, 1)`` (Auer et al. suggest ``1/T`` for ``T`` updates).
+        eta: learning rate ``η > 0``; default ``γ/K`` (Auer et al.).
+        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`.
+
+    Example:
+        >>> from odm.policies import DomainStats
+        >>> policy = EXP3S(gamma=0.2, alpha=0.01).bind(2)
+        >>> policy.update(DomainStats.from_losses([3.0, float("nan")], [0.5, 0.5]))
+        >>> policy.proportions.round(4)
+        array([0.5389, 0.4611])
+    """
+
+    name = "exp3s"
+
+    def __init__(
+        self,
+        gamma: float = 0.1,
+        *,
+        alpha: float = 1e-3,
+        eta: float | None = None,
+        reward: str = "loss",
+        loss_smoothing: float = 0.9,
+        progress_smoothing: float = 0.9,
+        scale_decay: float = 0.999,
+    ) -> None:
+        super().__init__(
+            gamma,
+            eta=eta,
+            reward=reward,
+            loss_smoothing=loss_smoothing,
+            progress_smoothing=progress_smoothing,
+            scale_decay=scale_decay,
+        )
+        self.alpha = check_open_unit("alpha", alpha)
+
+    def _init_state(self, num_domains: int) -> None:
+        self._init_rewards(num_domains)
+        self._log_weights = np.full(num_domains, -math.log(num_domains))
+        self._p = np.full(num_domains, 1.0 / num_domains)
+
+    def update(self, stats: DomainStats) -> None:
+        if not usable_stats(stats, self.num_domains, type(self).__name__):
+            return
+        estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
+        self._log_weights, self._p = exp3s_update(
+            self._log_weights, estimates, self.gamma, self._learning_rate(), self.alpha
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"log_weights": self._log_weights.copy(), **self._reward_state()}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._log_weights = np.array(state["log_weights"], dtype=np.float64)
+        self._set_reward_state(state)

@@ -1,0 +1,165 @@
+"""Exact resume through Lightning: stop at step N with a checkpoint, resume with ``ckpt_path``, and the batches,
+proportions and weights equal an uninterrupted run's (Lightning fetches one batch ahead; workers prefetch)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from odm.callbacks import OnlineMixing
+from torch import nn
+
+import odm
+from odm.policies import DomainStats, Policy, get_policy, policy_names
+
+DOMAINS = ["easy", "hard", "noise"]
+BATCH = 8
+BEFORE, AFTER = 9, 9
+
+
+class MeanLossSoftmax(Policy):
+    """Fallback learned policy when the bandits are not registered: ``p ∝ exp(mean loss so far / 2)``."""
+
+    def _init_state(self, num_domains: int) -> None:
+        self._sum, self._count = np.zeros(num_domains), np.zeros(num_domains)
+        self._p = np.full(num_domains, 1.0 / num_domains)
+
+    def update(self, stats: DomainStats) -> None:
+        self._sum += stats.loss_sum
+        self._count += stats.count
+        mean = np.where(self._count > 0, self._sum / np.maximum(self._count, 1), 0.0)
+        w = np.exp((mean - mean.max()) / 2)
+        self._p = w / w.sum()
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"sum": self._sum.copy(), "count": self._count.copy()}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._sum, self._count = np.array(state["sum"]), np.array(state["count"])
+
+
+def make_policy(name: str) -> Policy:
+    if name in policy_names():
+        return get_policy(name, eta=0.5) if name == "exp3" else get_policy(name)
+    return MeanLossSoftmax()
+
+
+def toy_sources(n: int = 400) -> dict[str, list[dict[str, Any]]]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, generator=g) / 4
+    out = {}
+    for k, name in enumerate(DOMAINS):
+        x = torch.randn(n, 16, generator=g)
+        y = {"easy": 2 * (x @ w), "hard": torch.sin(3 * (x @ w)) + x[:, 0] * x[:, 1]}.get(name)
+        y = 2 * torch.randn(n, generator=g) if y is None else y
+        out[name] = [{"x": x[i], "y": y[i], "id": k * 100_000 + i} for i in range(n)]
+    return out
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        losses = (self.net(batch["x"]).squeeze(-1) - batch["y"]).pow(2)
+        return {"loss": losses.mean(), "sample_losses": losses}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class Trajectory(pl.Callback):
+    """Per optimizer step: the batch's ``mix_step``, a hash of its content, and the proportions after the step."""
+
+    def __init__(self, mixer: odm.OnlineMixer) -> None:
+        self.mixer = mixer
+        self.steps: list[tuple[int, str, list[float]]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        h = hashlib.sha256()
+        for key in ("domain", "id", "x", "y"):
+            h.update(batch[key].numpy().tobytes())
+        self.steps.append((int(batch["mix_step"]), h.hexdigest()[:16], self.mixer.proportions.tolist()))
+
+
+def fit(
+    tmp_path: Path, policy: str, num_workers: int, max_steps: int, *, give: str = "loader", **kwargs: Any
+) -> tuple[Any, ...]:
+    torch.manual_seed(0)
+    granularity = "batch" if policy == "odm" else "sample"
+    loader = odm.MixtureLoader(
+        toy_sources(), batch_size=BATCH, policy=make_policy(policy), num_workers=num_workers, granularity=granularity
+    )
+    model = Regressor()
+    record = Trajectory(loader.mixer)
+    callbacks = [OnlineMixing(loader if give == "loader" else loader.mixer), record, *kwargs.pop("callbacks", [])]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    )
+    trainer.fit(model, train_dataloaders=loader, **kwargs)
+    return record.steps, loader.mixer, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("policy", "num_workers", "give"), [("exp3", 0, "loader"), ("exp3", 2, "loader"), ("odm", 0, "mixer")]
+)
+def test_a_run_resumed_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path, policy, num_workers, give):
+    whole, whole_mixer, whole_model = fit(tmp_path / "whole", policy, num_workers, BEFORE + AFTER, give=give)
+
+    save = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=BEFORE, save_top_k=-1)
+    first, _, _ = fit(tmp_path / "first", policy, num_workers, BEFORE, give=give, callbacks=[save])
+    ckpt = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert [p.name for p in ckpt] == [f"epoch=0-step={BEFORE}.ckpt"]
+    rest, rest_mixer, rest_model = fit(
+        tmp_path / "rest", policy, num_workers, BEFORE + AFTER, give=give, ckpt_path=ckpt[0]
+    )
+
+    assert [s[0] for s in whole] == list(range(BEFORE + AFTER))
+    assert len(first) == BEFORE and len(rest) == AFTER
+    for i, (a, b) in enumerate(zip(whole, first + rest)):
+        assert a == b, f"step {i} differs after resume: {a} != {b}"
+    assert whole_mixer.export_schedule() == rest_mixer.export_schedule()
+    for pa, pb in zip(whole_model.parameters(), rest_model.parameters()):
+        assert torch.equal(pa, pb)
+    moved = np.abs(np.array(whole[-1][2]) - 1 / 3).max()
+    assert moved > 0.01, f"the policy barely moved ({whole[-1][2]}): the test would not catch a wrong resume"
+
+
+class LoaderAhead(pl.Callback):
+    """Records, at checkpoint time, where the loader itself stands (what Lightning alone would save)."""
+
+    def __init__(self) -> None:
+        self.next_batch: list[int] = []
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self.next_batch.append(trainer.train_dataloader.state_dict()["next_batch"])
+
+
+@pytest.mark.slow
+def test_the_checkpoint_holds_the_loader_state_cut_at_the_last_trained_batch_not_the_prefetched_one(tmp_path):
+    save = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=BEFORE, save_top_k=-1)
+    ahead = LoaderAhead()
+    fit(tmp_path / "first", "exp3", 0, BEFORE, callbacks=[ahead, save])
+    assert ahead.next_batch == [BEFORE + 1]  # Lightning's fetcher had already taken batch BEFORE
+    ckpt = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), weights_only=True)
+    (saved,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert saved["next_batch"] == BEFORE  # batches 0 … BEFORE-1 trained: resume at batch BEFORE
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("OnlineMixing")]
+    assert state["last_mix_step"] == BEFORE - 1
+    assert state["loader"] == saved

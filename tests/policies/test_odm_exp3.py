@@ -1,0 +1,175 @@
+"""ODM (Albalak et al. 2023), both variants, against slow per-domain reference loops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from odm.policies import ODM, DomainStats, get_policy
+from odm.policies.odm_exp3 import exploration_rate, odm_released_update
+
+
+def draw_stats(rng: np.random.Generator, p: np.ndarray, step: int, granularity: str, scale: float) -> DomainStats:
+    """One update's statistics: a single domain's micro-batch (batch granularity) or a per-sample mix."""
+    k = len(p)
+    if granularity == "batch":
+        count = np.zeros(k)
+        count[rng.choice(k, p=p)] = rng.integers(1, 9)
+    else:
+        count = rng.multinomial(int(rng.integers(1, 40)), p).astype(np.float64)
+    losses = rng.uniform(0.0, scale, k)
+    return DomainStats(loss_sum=count * losses, count=count, proportions=p.copy(), step=step)
+
+
+def reference_eps(t: int, k: int) -> float:
+    return 1.0 / k if t == 0 else min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
+
+
+class ReferencePaper:
+    """Algorithm 1 of the paper, one domain at a time in Python floats."""
+
+    def __init__(self, k: int, alpha: float) -> None:
+        self.k, self.alpha, self.rewards = k, alpha, [0.0] * k
+
+    def update(self, stats: DomainStats) -> list[float]:
+        k, t = self.k, stats.step
+        total = sum(stats.count)
+        for i in range(k):
+            if stats.count[i] > 0:
+                mean = stats.loss_sum[i] / stats.count[i]
+                weighted = mean * (stats.count[i] / total) / stats.proportions[i]  # L_i / π_t(i) for one pull
+                self.rewards[i] = self.alpha * self.rewards[i] + (1 - self.alpha) * weighted
+        lr, eps = reference_eps(t, k), reference_eps(t + 1, k)
+        top = max(lr * r for r in self.rewards)
+        w = [math.exp(lr * r - top) for r in self.rewards]
+        return [(1 - k * eps) * wi / sum(w) + eps for wi in w]
+
+
+class ReferenceReleased:
+    """The released scripts' rule in plain floats (no log space: the losses here are small)."""
+
+    def __init__(self, k: int, alpha: float) -> None:
+        self.k, self.alpha, self.rewards = k, alpha, [0.0] * k
+
+    def update(self, stats: DomainStats) -> list[float]:
+        k = self.k
+        for i in range(k):
+            if stats.count[i] > 0:
+                mean = stats.loss_sum[i] / stats.count[i]
+                self.rewards[i] = self.alpha * self.rewards[i] + (1 - self.alpha) * math.exp(mean)
+        eps = reference_eps(stats.step, k)
+        total = sum(self.rewards)
+        share = [r / total for r in self.rewards] if total > 0 else [1 / k] * k
+        return [(1 - k * eps) * s + eps for s in share]
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+@pytest.mark.parametrize("seed", range(12))
+def test_paper_variant_matches_the_reference_loop(seed: int, granularity: str) -> None:
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 12))
+    alpha = float(rng.uniform(0.05, 0.95))
+    policy = ODM("paper", alpha=alpha).bind(k)
+    reference = ReferencePaper(k, alpha)
+    for t in range(1, 301):
+        stats = draw_stats(rng, policy.proportions, t, granularity, scale=8.0)
+        policy.update(stats)
+        np.testing.assert_allclose(policy.proportions, reference.update(stats), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+@pytest.mark.parametrize("seed", range(12))
+def test_released_variant_matches_the_reference_loop(seed: int, granularity: str) -> None:
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 12))
+    alpha = float(rng.uniform(0.05, 0.95))
+    policy = ODM("released", alpha=alpha).bind(k)
+    reference = ReferenceReleased(k, alpha)
+    for t in range(1, 301):
+        stats = draw_stats(rng, policy.proportions, t, granularity, scale=12.0)
+        policy.update(stats)
+        np.testing.assert_allclose(policy.proportions, reference.update(stats), rtol=1e-10, atol=1e-13)
+
+
+def test_released_variant_stays_finite_for_losses_whose_exp_overflows() -> None:
+    k = 3
+    estimates = np.full(k, -np.inf)
+    for t in range(1, 200):
+        losses = np.array([800.0, 1000.0, 1200.0])
+        estimates, p = odm_released_update(estimates, losses, np.ones(k), t, 0.5)
+        assert np.all(np.isfinite(p)) and abs(p.sum() - 1) < 1e-12
+    eps = exploration_rate(199, k)
+    np.testing.assert_allclose(p, [eps, eps, 1 - 2 * eps], rtol=1e-12)  # exp(200) dwarfs the rest
+    assert np.all(np.isfinite(estimates))
+
+
+def test_exploration_rate_follows_the_paper() -> None:
+    assert exploration_rate(0, 22) == 1 / 22
+    assert exploration_rate(68, 22) == 1 / 22  # t <= K ln K: uniform
+    assert exploration_rate(1000, 22) == pytest.approx(math.sqrt(math.log(22) / 22_000))
+
+
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_the_policy_is_exactly_uniform_while_the_exploration_rate_is_one_over_k(variant: str) -> None:
+    rng = np.random.default_rng(0)
+    k = 22
+    policy = ODM(variant, initial=rng.dirichlet(np.ones(k)))
+    for t in range(1, 68):  # ε_{t+1} = 1/K for t + 1 <= 68
+        policy.update(draw_stats(rng, policy.proportions, t, "batch", 5.0))
+        np.testing.assert_allclose(policy.proportions, np.full(k, 1 / k), rtol=0, atol=1e-15)
+    for t in range(68, 200):
+        policy.update(draw_stats(rng, policy.proportions, t, "batch", 5.0))
+    assert policy.proportions.std() > 0
+
+
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_warmup_keeps_the_initial_proportions_and_learns_nothing(variant: str) -> None:
+    rng = np.random.default_rng(1)
+    initial = np.array([0.7, 0.2, 0.1])
+    warm = ODM(variant, warmup_steps=50, initial=initial)
+    cold = ODM(variant).bind(3)
+    for t in range(1, 51):
+        warm.update(draw_stats(rng, warm.proportions, t, "batch", 5.0))
+        np.testing.assert_array_equal(warm.proportions, initial / initial.sum())
+    for t in range(51, 120):
+        stats = draw_stats(rng, warm.proportions, t, "batch", 5.0)
+        warm.update(stats)
+        cold.update(stats)  # a policy that never saw the warm-up statistics
+        np.testing.assert_array_equal(warm.proportions, cold.proportions)
+
+
+def test_defaults_and_registry() -> None:
+    assert ODM().variant == "paper" and ODM().alpha == 0.9
+    assert ODM("released").alpha == 0.5
+    policy = get_policy("odm", variant="released", warmup_steps=2000)
+    assert isinstance(policy, ODM) and policy.warmup_steps == 2000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"variant": "published"}, "`variant` must be one of 'paper', 'released'"),
+        ({"alpha": 1.0}, "`alpha` must be a number strictly between 0 and 1"),
+        ({"alpha": 0.0}, "`alpha`"),
+        ({"alpha": -0.5}, "`alpha`"),
+        ({"warmup_steps": -1}, "`warmup_steps` must be a non-negative integer"),
+        ({"warmup_steps": 1.5}, "`warmup_steps`"),
+        ({"initial": [0.5, -0.5]}, "`initial` must be non-negative"),
+    ],
+)
+def test_bad_arguments_raise_a_clear_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ODM(**kwargs)
+
+
+def test_initial_proportions_fix_the_number_of_domains() -> None:
+    with pytest.raises(ValueError, match="configured for 2 domains"):
+        ODM(initial=[0.5, 0.5]).bind(3)
+
+
+def test_a_state_dict_of_the_other_variant_is_refused() -> None:
+    paper = ODM("paper").bind(3)
+    with pytest.raises(ValueError, match="variant 'paper'"):
+        ODM("released").load_state_dict(paper.state_dict())

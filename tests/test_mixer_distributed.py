@@ -1,0 +1,121 @@
+"""Two real ranks (gloo, two processes): different local losses, one all_reduce per update, identical proportions."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import ChaseLoss
+
+import odm
+import odm.mixer
+from odm.policies import DomainStats, Policy, get_policy, policy_names
+
+K = 6
+STEPS = 150
+EVAL_EVERY = 10
+
+
+def _learned_policy() -> Policy:
+    """EXP3 once the policies land; until then the small learned test policy."""
+    return get_policy("exp3") if "exp3" in policy_names() else ChaseLoss()
+
+
+class _Recorder(Policy):
+    """Keeps the statistics each update receives, and delegates the update to a learned policy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _learned_policy()
+        self.seen: list[DomainStats] = []
+
+    def _init_state(self, num_domains: int) -> None:
+        self.inner.bind(num_domains)
+        self._p = self.inner.proportions
+
+    def update(self, stats: DomainStats) -> None:
+        self.seen.append(stats)
+        self.inner.update(stats)
+        self._p = self.inner.proportions
+
+
+def _rank_main(rank: int, world: int, store: str, out_dir: str, path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if path == "device":  # the torch accumulation CUDA losses take, on CPU tensors
+        odm.mixer._HOST_DEVICE_TYPES = frozenset()
+    try:
+        calls = []
+        all_reduce = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(tuple(tensor.shape))
+            return all_reduce(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        rec = _Recorder()
+        mixer = odm.OnlineMixer([f"d{i}" for i in range(K)], rec, delay=1, seed=rank)
+        rng = np.random.default_rng(100 + rank)
+        local, local_eval, proportions = [], [], []
+        for t in range(STEPS):
+            # Two micro-batches per step (batches 2t and 2t+1, which may fall under different schedule rows);
+            # each rank draws its own sizes, domains and losses, and rank 1 sometimes observes nothing at all.
+            step_sums = np.zeros(K)
+            for b in (2 * t, 2 * t + 1):
+                n = int(rng.integers(1, 20)) if rank == 0 or t % 7 else 0
+                ids = mixer.sample(n)
+                losses = rng.gamma(2.0, 1.0 + rank, n) + 0.3 * ids
+                if n:
+                    losses[0] = np.nan if t % 29 == 3 else losses[0]
+                    mixer.observe(torch.from_numpy(ids), torch.from_numpy(losses), mix_step=b)
+                finite = np.isfinite(losses)
+                step_sums += np.bincount(ids[finite], losses[finite], minlength=K)
+            local.append(step_sums)
+            if (t + 1) % EVAL_EVERY == 0:
+                s, c = rng.gamma(3.0, 1.0, K) * (rank + 1), np.full(K, 4.0 * (rank + 1))
+                mixer.observe_eval(s, c)
+                local_eval.append((s, c))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mixer.step()
+            proportions.append(mixer.proportions.tobytes())
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
+            pickle.dump(
+                {
+                    "local": local,
+                    "local_eval": local_eval,
+                    "p": proportions,
+                    "loss_sum": [s.loss_sum for s in rec.seen],
+                    "drawn": [s.proportions for s in rec.seen],
+                    "eval": [s.eval_loss for s in rec.seen],
+                    "collectives": calls,
+                },
+                f,
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_ranks_with_different_local_losses_end_with_bit_identical_proportions(tmp_path, path):
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "store"), str(tmp_path), path), nprocs=2, join=True)
+    r0, r1 = (pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2))
+    assert r0["p"] == r1["p"], "proportions must agree bit for bit on every rank after every step"
+    assert len(set(r0["p"])) > STEPS // 2, "the learned policy must actually move the proportions"
+    # Every step had an observation on rank 0, so there is one update per step, fed the sum of both ranks.
+    assert len(r0["loss_sum"]) == STEPS
+    for t in range(STEPS):
+        np.testing.assert_allclose(r0["loss_sum"][t], r0["local"][t] + r1["local"][t], rtol=1e-12)
+        assert r0["loss_sum"][t].tobytes() == r1["loss_sum"][t].tobytes()
+        assert r0["drawn"][t].tobytes() == r1["drawn"][t].tobytes()
+    assert len(r0["collectives"]) == STEPS, "one all_reduce per update"
+    assert all(len(shape) == 1 for shape in r0["collectives"]), "of one stacked (flat) tensor"
+    evals = [e for e in r0["eval"] if e is not None]
+    assert len(evals) == STEPS // EVAL_EVERY
+    for e, (s0, c0), (s1, c1) in zip(evals, r0["local_eval"], r1["local_eval"]):
+        np.testing.assert_allclose(e, (s0 + s1) / (c0 + c1), rtol=1e-12)
