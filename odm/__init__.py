@@ -5,10 +5,13 @@ Learns, while a model trains, how much of each data domain to feed it:
 * :class:`MixtureLoader` — a drop-in ``DataLoader`` over named per-domain sources with live proportions;
 * :class:`OnlineMixer` — the policy + shared schedule + feedback object any training loop talks to;
 * :mod:`odm.policies` — static priors, bandits and estimators that turn per-domain losses into proportions;
-* ``odm.callbacks.OnlineMixing`` — the Lightning callback (imported separately: ``import odm`` stays light).
+* :mod:`odm.sources` — file, webdataset, iterable and map-style per-domain sources;
+* :mod:`odm.simulate` — a loss-curve simulator to compare policies in seconds, without a model;
+* ``odm.callbacks.OnlineMixing`` — the Lightning callback, and :mod:`odm.stats` (torchmetrics) — imported
+  separately, so ``import odm`` pulls neither Lightning nor torchmetrics.
 """
 
-from odm import policies
+from odm import policies, simulate, sources
 from odm.dataset import MixtureDataset, largest_remainder
 from odm.loader import MixtureLoader
 from odm.mixer import OnlineMixer
@@ -27,4 +30,6 @@ __all__ = [
     "__version__",
     "largest_remainder",
     "policies",
+    "simulate",
+    "sources",
 ]

@@ -13,6 +13,7 @@ from odm.policies.ado import *  # noqa: F403 (ADO)
 from odm.policies.aioli import *  # noqa: F403 (Aioli)
 from odm.policies.bandits import *  # noqa: F403 (EXP3, EXP3S)
 from odm.policies.base import EVAL_LOSS, REFERENCE_LOSS, TRAIN_LOSS, DomainStats, Policy, check_proportions
+from odm.policies.constraints import Constraints
 from odm.policies.doremi import *  # noqa: F403 (DoReMi)
 from odm.policies.odm_exp3 import *  # noqa: F403 (ODM)
 from odm.policies.prior import *  # noqa: F403 (EntropyPrior)
@@ -30,6 +31,7 @@ __all__ = [
     "EVAL_LOSS",
     "REFERENCE_LOSS",
     "TRAIN_LOSS",
+    "Constraints",
     "DomainStats",
     "Fixed",
     "Natural",

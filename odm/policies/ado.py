@@ -225,7 +225,8 @@ class ADO(Policy):
         start_step: first update at which a fit may run.
         update_interval: fit at updates ``t ≥ start_step`` with ``t % update_interval == 0``.
         ignore_steps: updates at the start of the run left out of the history (the early transient).
-        floor: probability floor of ``ρ``; ``floor·K ≤ 1``.
+        floor: probability floor of ``ρ``; ``floor·K ≤ 1``. ``None`` (default): the authors' 0.01, lowered to
+            ``0.5/K`` when K > 50 so that the floor never takes more than half the mass.
         credit: ``"sqrt"`` (``sqrt(h)``, as ALGORITHMS.md specifies) or ``"sqrt_var"`` (``sqrt(h·(1−h))``,
             the authors' released code).
         bin_size: updates per history point; adjacent points merge (and the size doubles) beyond
@@ -250,7 +251,7 @@ class ADO(Policy):
         start_step: int = 1000,
         update_interval: int = 1000,
         ignore_steps: int = 0,
-        floor: float = 0.01,
+        floor: float | None = None,
         credit: str = "sqrt",
         bin_size: int = 10,
         max_points: int = 2000,
@@ -270,14 +271,15 @@ class ADO(Policy):
                 raise ValueError(f"`{arg}` must be an integer >= {low}, got {val!r}")
         if smoothing % 2 == 0:
             raise ValueError(f"`smoothing` must be odd (a centred window), got {smoothing!r}")
-        if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < 1:
-            raise ValueError(f"`floor` must be a number in [0, 1), got {floor!r}")
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < 1):
+            raise ValueError(f"`floor` must be None or a number in [0, 1), got {floor!r}")
         if credit not in ("sqrt", "sqrt_var"):
             raise ValueError(f"`credit` must be 'sqrt' or 'sqrt_var', got {credit!r}")
         if not isinstance(huber_delta, int | float) or not huber_delta > 0:
             raise ValueError(f"`huber_delta` must be a number > 0, got {huber_delta!r}")
         self.start_step, self.update_interval, self.ignore_steps = int(start_step), int(update_interval), ignore_steps
-        self.floor, self.credit = float(floor), credit
+        self._floor_arg = None if floor is None else float(floor)
+        self.floor, self.credit = self._floor_arg or 0.0, credit  # a None floor is resolved at bind
         self.max_points, self.smoothing, self.huber_delta = int(max_points), int(smoothing), float(huber_delta)
         self._initial_bin_size = int(bin_size)
         self.prior = None if prior is None else check_proportions(prior, name="prior")
@@ -286,6 +288,8 @@ class ADO(Policy):
 
     def _init_state(self, num_domains: int) -> None:
         k = num_domains
+        if self._floor_arg is None:
+            self.floor = min(0.01, 0.5 / k)
         if self.floor * k > 1:
             raise ValueError(f"`floor`={self.floor} is infeasible for {k} domains (floor·K must be <= 1)")
         if self.prior is not None and len(self.prior) != k:

@@ -117,6 +117,8 @@ class Aioli(Policy):
 
     Args:
         round_steps: ``U``, updates per round (probes included); must be ``≥ R·K·s`` (checked at bind).
+            ``None`` (default): ``max(250, 2·R·K·s)`` — the authors' 250 for few domains, and rounds that keep
+            at least half their updates for exploitation when K is large (K = 22 with the defaults: 704).
         sweeps: ``R``, random permutations of the domains per round.
         probe_steps: ``s``, updates drawn under each probe mixture.
         probe_weight: ``f ∈ (0, 1]``, weight of the probed domain (``≠ 1/K``: the probes would coincide).
@@ -141,7 +143,7 @@ class Aioli(Policy):
 
     def __init__(
         self,
-        round_steps: int = 250,
+        round_steps: int | None = None,
         *,
         sweeps: int = 4,
         probe_steps: int = 4,
@@ -156,7 +158,8 @@ class Aioli(Policy):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.round_steps = _check_int(round_steps, "round_steps", 1)
+        self._round_steps_arg = None if round_steps is None else _check_int(round_steps, "round_steps", 1)
+        self.round_steps = self._round_steps_arg or 0  # resolved at bind when None
         self.sweeps = _check_int(sweeps, "sweeps", 1)
         self.probe_steps = _check_int(probe_steps, "probe_steps", 1)
         if isinstance(probe_weight, bool) or not isinstance(probe_weight, int | float) or not 0 < probe_weight <= 1:
@@ -188,6 +191,8 @@ class Aioli(Policy):
     # -- state ---------------------------------------------------------------------------------------------
     def _init_state(self, num_domains: int) -> None:
         k = num_domains
+        if self._round_steps_arg is None:
+            self.round_steps = max(250, 2 * self.sweeps * k * self.probe_steps)
         if self.round_steps < self.sweeps * k * self.probe_steps:
             raise ValueError(
                 f"`round_steps`={self.round_steps} is shorter than the probes of a round: sweeps·K·probe_steps = "

@@ -75,6 +75,9 @@ def usable_stats(stats: DomainStats, num_domains: int, policy: str) -> bool:
         shape = np.shape(getattr(stats, field))
         if shape != (num_domains,):
             raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
+    # Fast path (the mixer's stats are always finite): one sum propagates any NaN or inf.
+    if math.isfinite(float(stats.loss_sum.sum()) + float(stats.count.sum())):
+        return bool(stats.count.any())
     bad = stats.observed & ~np.isfinite(stats.loss_sum)
     if bad.any() or not np.all(np.isfinite(stats.count)):
         warnings.warn(
