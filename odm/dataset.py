@@ -226,6 +226,7 @@ class MixtureIterator:
             for name, src, mp in zip(dataset.domains, dataset.sources, dataset.max_passes)
         ]
         self.active = np.ones(dataset.num_domains, dtype=bool)
+        self._num_active = dataset.num_domains  # mirrors active.sum(): checked on every batch
         # k: this slot's next batch is global batch k * num_slots + slot (the first one at or after `start`).
         self.local_batch = max(0, (start - slot + num_slots - 1) // num_slots)
         self.finished = False
@@ -248,6 +249,7 @@ class MixtureIterator:
         for s, e, pos in zip(self.streams, epochs, positions):
             s.epoch, s.position, s._it = int(e), int(pos), None
         self.active = active.astype(bool)
+        self._num_active = int(self.active.sum())
 
     def state_row(self, next_batch: int) -> list[int]:
         """This slot's stream state as one flat row: ``[next_batch, epochs…, positions…, active…]``."""
@@ -289,7 +291,7 @@ class MixtureIterator:
         return batch
 
     def _proportions(self, p: np.ndarray) -> np.ndarray:
-        if self.active.all():
+        if self._num_active == len(p):
             return p
         q = np.where(self.active, p, 0.0)
         if q.sum() <= 0:  # every domain with mass is gone: spread over what remains
@@ -311,7 +313,7 @@ class MixtureIterator:
         return self._gen
 
     def _make(self, b: int) -> tuple[list[Any], np.ndarray]:
-        if not self.active.any():
+        if not self._num_active:
             raise _Exhausted
         p, mode, _ = self.ds.schedule.lookup(b)
         gen = self._generator(b)
@@ -324,7 +326,7 @@ class MixtureIterator:
             ids = gen.permutation(np.repeat(np.arange(len(q), dtype=np.int64), counts))
         else:
             # The CDF changes only with the schedule row (or when a domain drops): reuse it between batches.
-            key = (p.tobytes(), int(self.active.sum()))
+            key = (p.tobytes(), self._num_active)
             if key != self._cdf_key:
                 self._cdf_key, self._cdf = key, np.cumsum(q)
             cdf = self._cdf
@@ -340,10 +342,13 @@ class MixtureIterator:
         k = self.ds.num_domains
         per_domain: list[list[Any]] = [[] for _ in range(k)]
         short = False
+        streams = self.streams
         for d, c in enumerate(np.bincount(ids, minlength=k).tolist()):
             if c:
-                got = per_domain[d] = self._take(d, c)
-                short = short or len(got) < c
+                got = per_domain[d] = streams[d].take(c)
+                if len(got) < c:  # the pass ended inside this batch
+                    self._take_more(d, got, c)
+                    short = short or len(got) < c
         if not short:
             # Fast path: concatenate in domain order, then scatter back to the drawn order.
             flat = list(chain.from_iterable(per_domain))
@@ -361,7 +366,7 @@ class MixtureIterator:
                 out[i] = item
             missing.extend(where[len(per_domain[d]) :])
         while missing:
-            if not self.active.any():
+            if not self._num_active:
                 keep = np.ones(len(ids), dtype=bool)
                 keep[missing] = False
                 if not keep.any():
@@ -376,17 +381,18 @@ class MixtureIterator:
             still: list[int] = []
             for d in np.unique(new):
                 pos = [m for m, nd in zip(missing, new) if nd == d]
-                items = self._take(int(d), len(pos))
+                items = self._take_more(int(d), [], len(pos))
                 for i, item in zip(pos, items):
                     out[i] = item
                 still.extend(pos[len(items) :])
             missing = still
         return out, ids
 
-    def _take(self, d: int, n: int) -> list[Any]:
-        """``n`` items of domain ``d``, crossing pass boundaries as ``exhausted`` says; fewer if it drops."""
+    def _take_more(self, d: int, items: list[Any], n: int) -> list[Any]:
+        """Tops ``items`` up to ``n`` items of domain ``d``, crossing pass boundaries as ``exhausted`` says;
+        fewer if the domain drops out. Returns ``items`` (extended in place)."""
         stream = self.streams[d]
-        items = stream.take(n)
+        items.extend(stream.take(n - len(items)))
         while len(items) < n:  # the current pass of domain d has ended
             if self.ds.exhausted == "stop":
                 raise _Exhausted
@@ -397,6 +403,7 @@ class MixtureIterator:
                 )
             if self.ds.exhausted == "drop" or not stream.next_pass():
                 self.active[d] = False
+                self._num_active -= 1
                 return items
             items.extend(stream.take(n - len(items)))
         return items
