@@ -35,9 +35,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, median, ratio, write_results
-from odm.callbacks import OnlineMixing
 
 import odm
+from odm.callbacks import OnlineMixing
 
 VARIANTS = ("plain stream", "static mixing", "feedback only", "online")
 

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
-from odm.callbacks import OnlineMixing
 from torch import nn
 
 import odm
+from odm.callbacks import OnlineMixing
 from odm.policies import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy
 
 DOMAINS = ["easy", "hard", "noise"]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from odm.callbacks import OnlineMixing
 from torch import nn
 
 import odm
+from odm.callbacks import OnlineMixing
 from odm.policies import DomainStats, Policy, get_policy, policy_names
 
 DOMAINS = ["easy", "hard", "noise"]
