@@ -215,11 +215,12 @@ def compare(
 
 def table(runs: Sequence[DemoRun]) -> str:
     """The comparison as fixed-width text: held-out loss per domain, learnable mean, shares, seconds."""
-    head = f"{'policy':<16}" + "".join(f"{'loss/' + d:>12}" for d in DOMAINS) + f"{'learnable':>11}"
+    width = max([len("policy"), *(len(r.policy) for r in runs)]) + 2
+    head = f"{'policy':<{width}}" + "".join(f"{'loss/' + d:>12}" for d in DOMAINS) + f"{'learnable':>11}"
     head += "".join(f"{'p/' + d:>10}" for d in DOMAINS) + f"{'seconds':>9}"
     lines = [head, "-" * len(head)]
     for r in runs:
-        row = f"{r.policy:<16}" + "".join(f"{v:>12.3f}" for v in r.held_out) + f"{r.learnable_loss:>11.3f}"
+        row = f"{r.policy:<{width}}" + "".join(f"{v:>12.3f}" for v in r.held_out) + f"{r.learnable_loss:>11.3f}"
         lines.append(row + "".join(f"{v:>10.2f}" for v in r.share) + f"{r.seconds:>9.1f}")
     return "\n".join(lines)
 
