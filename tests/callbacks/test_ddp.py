@@ -20,24 +20,22 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
+from toys import DOMAINS, MeanLossSoftmax, toy_sources
 
 import odm
 from odm.callbacks import OnlineMixing
-from odm.policies import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy
+from odm.policies import EVAL_LOSS, TRAIN_LOSS, DomainStats
 
-DOMAINS = ["easy", "hard", "noise"]
 BATCH, STEPS, LOG_EVERY, EVAL_AT = 8, 12, 4, (3, 7)
 
 
-class MeanLossSoftmax(Policy):
-    """A loss-chasing learned policy (``p ∝ exp(mean loss so far / 2)``) that asks for held-out losses at
-    ``EVAL_AT`` and records them."""
+class EvalRecordingSoftmax(MeanLossSoftmax):
+    """The loss-chasing test policy, asking for held-out losses at ``EVAL_AT`` and recording them."""
 
     requires = frozenset({TRAIN_LOSS, EVAL_LOSS})
 
     def _init_state(self, num_domains: int) -> None:
-        self._sum, self._count = np.zeros(num_domains), np.zeros(num_domains)
-        self._p = np.full(num_domains, 1.0 / num_domains)
+        super()._init_state(num_domains)
         self.evals: list[tuple[int, list[float]]] = []
 
     def wants_eval(self, step: int) -> bool:
@@ -46,11 +44,7 @@ class MeanLossSoftmax(Policy):
     def update(self, stats: DomainStats) -> None:
         if stats.eval_loss is not None:
             self.evals.append((stats.step, stats.eval_loss.tolist()))
-        self._sum += stats.loss_sum
-        self._count += stats.count
-        mean = np.where(self._count > 0, self._sum / np.maximum(self._count, 1), 0.0)
-        w = np.exp((mean - mean.max()) / 2)
-        self._p = w / w.sum()
+        super().update(stats)
 
 
 class CountingLogger(Logger):
@@ -98,22 +92,10 @@ class Regressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-2)
 
 
-def toy_sources(n: int = 512) -> dict[str, list[dict[str, Any]]]:
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(16, generator=g) / 4
-    out = {}
-    for k, name in enumerate(DOMAINS):
-        x = torch.randn(n, 16, generator=g)
-        y = {"easy": 2 * (x @ w), "hard": torch.sin(3 * (x @ w)) + x[:, 0] * x[:, 1]}.get(name)
-        y = 2 * torch.randn(n, generator=g) if y is None else y
-        out[name] = [{"x": x[i], "y": y[i], "id": k * 100_000 + i} for i in range(n)]
-    return out
-
-
 def main(out: Path) -> None:
     """One DDP run; every rank writes ``rank<r>.json``."""
     torch.manual_seed(0)
-    loader = odm.MixtureLoader(toy_sources(), batch_size=BATCH, policy=MeanLossSoftmax(), seed=0)
+    loader = odm.MixtureLoader(toy_sources(), batch_size=BATCH, policy=EvalRecordingSoftmax(), seed=0)
     counting = CountingLogger(out)
     # Held-out "losses" that name the rank (1.0 on rank 0, 2.0 on rank 1): the reduced mean must be 1.5.
     held = {d: [torch.zeros(4)] for d in DOMAINS}
@@ -138,7 +120,7 @@ def main(out: Path) -> None:
     model = Regressor()
     trainer.fit(model, train_dataloaders=loader)
     policy = loader.mixer.policy
-    assert isinstance(policy, MeanLossSoftmax)
+    assert isinstance(policy, EvalRecordingSoftmax)
     record = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,

@@ -13,12 +13,12 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from toys import DOMAINS, MeanLossSoftmax
 
 import odm
 from odm.callbacks import OnlineMixing
 from odm.policies import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy
 
-DOMAINS = ["easy", "hard", "noise"]
 BATCH = 8
 
 
@@ -113,28 +113,6 @@ def read_csv_metrics(path: Path) -> list[dict[str, str]]:
     assert len(files) == 1, files
     with files[0].open() as f:
         return list(csv.DictReader(f))
-
-
-class MeanLossSoftmax(Policy):
-    """A small deterministic learned policy that chases loss: ``p ∝ exp(mean loss of each domain so far / 2)``."""
-
-    def _init_state(self, num_domains: int) -> None:
-        self._sum = np.zeros(num_domains)
-        self._count = np.zeros(num_domains)
-        self._p = np.full(num_domains, 1.0 / num_domains)
-
-    def update(self, stats: DomainStats) -> None:
-        self._sum += stats.loss_sum
-        self._count += stats.count
-        mean = np.where(self._count > 0, self._sum / np.maximum(self._count, 1), 0.0)
-        w = np.exp((mean - mean.max()) / 2)
-        self._p = w / w.sum()
-
-    def _get_state(self) -> dict[str, Any]:
-        return {"sum": self._sum.copy(), "count": self._count.copy()}
-
-    def _set_state(self, state: dict[str, Any]) -> None:
-        self._sum, self._count = np.array(state["sum"]), np.array(state["count"])
 
 
 class SeenLosses(pl.Callback):
