@@ -11,7 +11,7 @@ import torch
 from conftest import ChaseLoss
 
 import odm
-import odm.mixer
+import odm.feedback
 from odm.policies import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy, get_policy, policy_names
 
 
@@ -101,7 +101,7 @@ def path(request, monkeypatch) -> str:
     """Runs a test through the host (numpy) path and through the accelerator path, on CPU tensors."""
     if request.param == "device":
         # The torch path that CUDA losses take, exercised here by treating "cpu" as an accelerator.
-        monkeypatch.setattr(odm.mixer, "_HOST_DEVICE_TYPES", frozenset())
+        monkeypatch.setattr(odm.feedback, "_HOST_DEVICE_TYPES", frozenset())
     return request.param
 
 
@@ -186,7 +186,7 @@ def test_bad_observations_are_refused_at_the_door(path, domain, loss, kwargs, er
 
 
 def test_accelerator_ids_and_weights_out_of_range_are_reported_at_the_next_step(monkeypatch):
-    monkeypatch.setattr(odm.mixer, "_HOST_DEVICE_TYPES", frozenset())
+    monkeypatch.setattr(odm.feedback, "_HOST_DEVICE_TYPES", frozenset())
     rec = Recorder()
     mixer = odm.OnlineMixer(_names(3), rec)
     mixer.observe(torch.tensor([0, 7, 1]), torch.tensor([1.0, 2.0, 3.0]))

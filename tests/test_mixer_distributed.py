@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from conftest import ChaseLoss
 
 import odm
-import odm.mixer
+import odm.feedback
 from odm.policies import DomainStats, Policy, get_policy, policy_names
 
 K = 6
@@ -47,7 +47,7 @@ class _Recorder(Policy):
 def _rank_main(rank: int, world: int, store: str, out_dir: str, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     if path == "device":  # the torch accumulation CUDA losses take, on CPU tensors
-        odm.mixer._HOST_DEVICE_TYPES = frozenset()
+        odm.feedback._HOST_DEVICE_TYPES = frozenset()
     try:
         calls = []
         all_reduce = dist.all_reduce
