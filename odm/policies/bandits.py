@@ -320,7 +320,11 @@ class EXP3S(EXP3):
         gamma: exploration ``γ ∈ (0, 1]``.
         alpha: weight sharing ``α ∈ (0, 1)`` (Auer et al. suggest ``1/T`` for ``T`` updates).
         eta: learning rate ``η > 0``; default ``γ/K`` (Auer et al.).
-        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`.
+        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. Evidence for the
+            choice: on ``benchmarks/quality.py`` at full size (12 real domains, 800 steps, 3 seeds) ``reward=
+            "progress"`` was the best online policy, −0.018 ± 0.013 bits per byte against uniform on every seed;
+            on the demo's noise domain, ``"loss"`` spends 0.59 of the samples on noise and ``"progress"`` 0.23.
+            The default stays ``"loss"`` (the classic bandit) until the all-policy run confirms it.
 
     Example:
         >>> from odm.policies import DomainStats
