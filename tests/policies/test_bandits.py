@@ -6,21 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from draws import draw_stats
 
 from odm.policies import EXP3, EXP3S, ODM, UCB1, DiscountedUCB, DomainStats, Policy, SlidingWindowUCB, get_policy
 from odm.policies.bandits import scaled_rewards
-
-
-def draw_stats(rng: np.random.Generator, p: np.ndarray, step: int, granularity: str) -> DomainStats:
-    k = len(p)
-    if granularity == "batch":
-        count = np.zeros(k)
-        count[rng.choice(k, p=p)] = rng.integers(1, 9)
-    else:
-        count = rng.multinomial(int(rng.integers(1, 40)), p).astype(np.float64)
-    # a drifting loss per domain, so that progress rewards are not pure noise
-    losses = 3.0 + np.sin(step / 17.0 + np.arange(k)) + rng.normal(0.0, 0.3, k)
-    return DomainStats(loss_sum=count * losses, count=count, proportions=p.copy(), step=step)
 
 
 class ReferenceRewards:

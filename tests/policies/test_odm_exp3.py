@@ -6,20 +6,16 @@ import math
 
 import numpy as np
 import pytest
+from draws import draw_counts
 
 from odm.policies import ODM, DomainStats, get_policy
 from odm.policies.odm_exp3 import exploration_rate, odm_released_update
 
 
 def draw_stats(rng: np.random.Generator, p: np.ndarray, step: int, granularity: str, scale: float) -> DomainStats:
-    """One update's statistics: a single domain's micro-batch (batch granularity) or a per-sample mix."""
-    k = len(p)
-    if granularity == "batch":
-        count = np.zeros(k)
-        count[rng.choice(k, p=p)] = rng.integers(1, 9)
-    else:
-        count = rng.multinomial(int(rng.integers(1, 40)), p).astype(np.float64)
-    losses = rng.uniform(0.0, scale, k)
+    """One update's statistics with losses uniform in ``[0, scale)``."""
+    count = draw_counts(rng, p, granularity)
+    losses = rng.uniform(0.0, scale, len(p))
     return DomainStats(loss_sum=count * losses, count=count, proportions=p.copy(), step=step)
 
 

@@ -6,20 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from draws import draw_stats
 
 from odm.policies import UCB1, DiscountedUCB, DomainStats, SlidingWindowUCB, get_policy
 from odm.policies.ucb import ucb_proportions
-
-
-def draw_stats(rng: np.random.Generator, p: np.ndarray, step: int, granularity: str) -> DomainStats:
-    k = len(p)
-    if granularity == "batch":
-        count = np.zeros(k)
-        count[rng.choice(k, p=p)] = rng.integers(1, 9)
-    else:
-        count = rng.multinomial(int(rng.integers(1, 40)), p).astype(np.float64)
-    losses = 3.0 + np.sin(step / 17.0 + np.arange(k)) + rng.normal(0.0, 0.3, k)
-    return DomainStats(loss_sum=count * losses, count=count, proportions=p.copy(), step=step)
 
 
 class ReferenceLossReward:
