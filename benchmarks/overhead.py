@@ -29,22 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, median, write_results
 
 import odm
-from odm.policies import get_policy, policy_names
+from odm.policies import default_policy_names, policy_names
 
 SIZES = (8, 22, 100, 1000, 10_000)
 TARGET = {"policies": ("odm", "exp3", "ucb1"), "num_domains": 22, "us": 50.0}
-
-
-def buildable_policies() -> list[str]:
-    """Registered policies that build from their name alone (documented defaults)."""
-    out = []
-    for name in policy_names():
-        try:
-            get_policy(name)
-        except TypeError:
-            continue
-        out.append(name)
-    return out
 
 
 class _TimedUpdate:
@@ -128,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 7)
     budget = args.budget or (0.05 if args.quick else 0.25)
     torch.set_num_threads(args.threads)
-    names = args.policies or buildable_policies()
+    names = args.policies or default_policy_names()
     unknown = sorted(set(names) - set(policy_names()))
     if unknown:
         parser.error(f"unknown policies {unknown}; known: {policy_names()}")

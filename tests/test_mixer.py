@@ -12,7 +12,7 @@ from conftest import ChaseLoss
 
 import odm
 import odm.feedback
-from odm.policies import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy, get_policy, policy_names
+from odm.policies import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy, default_policy_names
 
 
 class Recorder(Policy):
@@ -466,18 +466,7 @@ def test_frozen_domain_names_hold_the_initial_proportions_and_overrides_are_proj
         odm.OnlineMixer(_names(3), frozen="x")
 
 
-def _buildable_policies() -> list[str]:
-    names = []
-    for name in policy_names():
-        try:
-            get_policy(name)
-        except TypeError:
-            continue
-        names.append(name)
-    return names
-
-
-@pytest.mark.parametrize("name", _buildable_policies())
+@pytest.mark.parametrize("name", default_policy_names())
 def test_every_policy_that_builds_from_its_name_runs_through_the_mixer(name):
     mixer = odm.OnlineMixer(_names(5), name, seed=0)
     rng = np.random.default_rng(0)

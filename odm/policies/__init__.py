@@ -39,6 +39,7 @@ __all__ = [
     "Temperature",
     "Uniform",
     "check_proportions",
+    "default_policy_names",
     "get_policy",
     "policy_names",
 ]
@@ -61,6 +62,24 @@ _REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in _all_subclasses(P
 def policy_names() -> list[str]:
     """Names accepted by :func:`get_policy` (and by ``policy=`` everywhere)."""
     return sorted(_REGISTRY)
+
+
+def default_policy_names() -> list[str]:
+    """Names of the policies that build from their name alone (documented defaults); the others need data
+    (sizes, a vector, a trajectory, a reference) and say so when named alone.
+
+    Example:
+        >>> {"uniform", "odm", "exp3"} <= set(default_policy_names()), "fixed" in default_policy_names()
+        (True, False)
+    """
+    out = []
+    for name in policy_names():
+        try:
+            get_policy(name)
+        except TypeError:
+            continue
+        out.append(name)
+    return out
 
 
 def get_policy(policy: str | Policy, **kwargs: Any) -> Policy:
