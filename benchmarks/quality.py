@@ -195,7 +195,12 @@ VARIANTS = [
     Spec("odm-paper", "odm", {"variant": "paper"}),
     Spec("odm-released", "odm", {"variant": "released"}),
     Spec("exp3s-progress", "exp3s", {"reward": "progress"}),
+    Spec("exp3-progress", "exp3", {"reward": "progress"}),
     Spec("discounted_ucb-progress", "discounted_ucb", {"reward": "progress"}),
+    # Exploration and step-size choices the defaults were decided on (see the policies' docstrings).
+    Spec("ucb1-gamma0.5", "ucb1", {"gamma": 0.5}),
+    Spec("discounted_ucb-gamma0.5", "discounted_ucb", {"gamma": 0.5}),
+    Spec("doremi-eta0.1", "doremi", {"eta": 0.1}),
     # Round-based estimators with their defaults sized for long runs act only late (ADO starts fitting at step
     # 1000; one Aioli round of 250 steps spends 4·K·4 = 192 steps probing at K = 12): also run short settings.
     Spec("aioli-short", "aioli", {"round_steps": 100, "sweeps": 1, "probe_steps": 2}),
@@ -661,19 +666,64 @@ def run(
     return result
 
 
-def report(path: Path) -> dict[str, Any]:
-    """Re-summarises a saved results JSON (e.g. after a change to the metrics) and rewrites its Markdown and
-    plots beside it."""
-    result = json.loads(path.read_text())
+def merge(results: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """One result from several runs of the same benchmark (e.g. the policies split over two processes).
+
+    The inputs must share the configuration, the corpus and its domains; a (policy, seed) pair present in more
+    than one is kept once when its results agree exactly (training is deterministic on one thread) and refused
+    when they differ. ``names`` label the inputs in error messages.
+    """
+    first = results[0]
+    for key in ("config", "domains", "natural_bytes", "corpus"):
+        for name, other in zip(names[1:], results[1:], strict=True):
+            if other.get(key) != first.get(key):
+                raise ValueError(f"cannot merge {names[0]} and {name}: their `{key}` differ")
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for name, result in zip(names, results, strict=True):
+        for r in result["runs"]:
+            key = (r["policy"], r["seed"])
+            if key in runs and runs[key]["final_bpb"] != r["final_bpb"]:
+                delta = np.max(np.abs(np.subtract(runs[key]["final_bpb"], r["final_bpb"])))
+                raise ValueError(
+                    f"policy {key[0]!r} seed {key[1]} ran in more than one input with different results "
+                    f"(max per-domain difference {delta:.5f} bpb, last in {name}); merge only one of them"
+                )
+            runs.setdefault(key, r)
+    merged = dict(first)
+    merged["command"] = " + ".join(dict.fromkeys(r["command"] for r in results))
+    merged["date"] = max(r["date"] for r in results)
+    merged["seeds"] = sorted({s for r in results for s in r["seeds"]})
+    merged["skipped"] = {k: v for r in results for k, v in r.get("skipped", {}).items()}
+    merged["total_seconds"] = sum(r.get("total_seconds", 0.0) for r in results)
+    # uniform first: the paired deltas and the steps-to-baseline target come from it
+    merged["runs"] = sorted(runs.values(), key=lambda r: r["policy"] != "uniform")
+    return merged
+
+
+def report(paths: Sequence[Path], out: Path | None = None, tag: str | None = None) -> dict[str, Any]:
+    """Re-summarises saved results JSON (e.g. after a change to the metrics) and rewrites their Markdown and plots.
+
+    One path without ``tag`` is rewritten in place; several are merged (see :func:`merge`) into
+    ``quality-<tag>-<date>`` under ``out`` (default: beside the first).
+    """
+    results = [json.loads(p.read_text()) for p in paths]
+    result = merge(results, [str(p) for p in paths]) if len(paths) > 1 else results[0]
     runs = result["runs"]
     weights = np.array(result.get("natural_bytes", result["train_bytes"]), dtype=np.float64)
     result.setdefault("natural_bytes", weights.tolist())
     result["summary"] = summarise(runs, result["domains"], weights, result["config"]["steps"])
+    if len(paths) == 1 and tag is None:
+        path = paths[0]
+    else:
+        day = result["date"][:10].replace("-", "")
+        path = (out or paths[0].parent) / f"quality-{tag or result['hardware']}-{day}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, default=float))
     stem = path.with_suffix("")
     stem.with_suffix(".md").write_text(markdown(result))
     plots(result, runs, stem)
     print(markdown(result))
+    print(f"wrote {path}")
     return result
 
 
@@ -689,10 +739,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     parser.add_argument("--tag", help="file name tag instead of the hardware name")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--report", type=Path, help="only re-summarise this results JSON (no training)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        help="no training: re-summarise a results JSON in place, or merge several into one (with --tag/--out)",
+    )
     args = parser.parse_args(argv)
     if args.report is not None:
-        report(args.report)
+        try:
+            report(args.report, out=args.out if args.out != RESULTS else None, tag=args.tag)
+        except ValueError as err:
+            parser.error(str(err))
         return 0
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")

@@ -94,9 +94,7 @@ def test_a_change_reaches_persistent_workers_from_the_promised_batch(start_metho
 def test_same_seed_gives_identical_batches_whatever_the_worker_timing(chase_loss):
     def run():
         random.seed()  # different jitter each run
-        loader = odm.MixtureLoader(
-            sources(jitter=0.002), batch_size=8, policy=chase_loss(), num_workers=2, seed=11
-        )
+        loader = odm.MixtureLoader(sources(jitter=0.002), batch_size=8, policy=chase_loss(), num_workers=2, seed=11)
         return drive(loader, 25)
 
     first, second = run(), run()

@@ -113,3 +113,47 @@ def test_steps_to_reach_interpolates_between_evaluations_and_reports_never_as_in
 def test_load_corpus_names_the_folder_and_how_to_build_one_when_empty(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="corpus.py"):
         quality.load_corpus(tmp_path)
+
+
+def test_report_merges_split_runs_into_the_result_of_one_run_and_refuses_mismatches(tmp_path: Path) -> None:
+    data = tmp_path / "corpus"
+    _write_corpus(data)
+    tiny = quality.LMConfig(num_layers=1, width=32, num_heads=2, context=32)
+
+    def bench(policies: list[str], out: str) -> Path:
+        quality.run(
+            data,
+            quick=True,
+            policies=policies,
+            seeds=[0],
+            steps=8,
+            out=tmp_path / out,
+            progress=False,
+            model=tiny,
+            tag="t",
+        )
+        return next((tmp_path / out).glob("quality-t-*.json"))
+
+    both, first, second = bench(["uniform", "natural"], "both"), bench(["uniform"], "a"), bench(["natural"], "b")
+    merged = quality.report([first, second], out=tmp_path / "merged", tag="m")
+    whole = json.loads(both.read_text())
+    # uniform is deterministic on one thread, so the split runs reproduce the joint run exactly
+    assert list(merged["summary"]["policies"]) == ["uniform", "natural"]
+    for label in ("uniform", "natural"):
+        for key in ("mean_bpb", "weighted_bpb", "per_domain_bpb", "delta_vs_uniform", "steps_to_uniform"):
+            assert merged["summary"]["policies"][label][key] == whole["summary"]["policies"][label][key], key
+    assert next((tmp_path / "merged").glob("quality-m-*.md")).read_text().count("natural") >= 1
+    # the same (policy, seed) twice is kept once when identical ...
+    again = quality.report([both, first], out=tmp_path / "again", tag="a2")
+    assert [r["policy"] for r in again["runs"]] == ["uniform", "natural"]
+    # ... and refused when it differs, or when the configurations differ
+    changed = json.loads(first.read_text())
+    changed["runs"][0]["final_bpb"][0] += 0.01
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="'uniform' seed 0 ran in more than one input with different results"):
+        quality.report([both, tmp_path / "changed.json"], out=tmp_path / "x", tag="x")
+    changed = json.loads(first.read_text())
+    changed["config"]["steps"] = 9
+    (tmp_path / "steps.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="`config` differ"):
+        quality.report([both, tmp_path / "steps.json"], out=tmp_path / "x", tag="x")
