@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from odm.policies import ADO, DomainStats, get_policy
-from odm.policies.ado import apply_floor, fit_power_law, power_law, savgol_smooth
+from odm.policies.ado import apply_floor
+from odm.policies.scaling_law import fit_power_law, power_law, savgol_smooth
 from odm.simulate import LossSimulator, simulate
 
 
