@@ -173,9 +173,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         if schedule is None:
             schedule = ProportionSchedule(len(self.domains))
         if schedule.num_domains != len(self.domains):
-            raise ValueError(
-                f"`schedule` has {schedule.num_domains} domains but `sources` has {len(self.domains)}"
-            )
+            raise ValueError(f"`schedule` has {schedule.num_domains} domains but `sources` has {len(self.domains)}")
         self.schedule = schedule
         # Set by the main process before workers start (see odm.MixtureLoader).
         self.rank = 0

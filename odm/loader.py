@@ -59,6 +59,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
             plus two for loops that fetch the next batch before stepping (Lightning does). A loop that runs
             further ahead needs a larger delay, or its data depends on timing.
         update_every: update the policy every N-th ``mixer.step()``.
+        floors / ceilings / frozen / history_every: bounds on the published proportions and how much of their
+            history to keep; see :class:`~odm.mixer.OnlineMixer`.
         **dataloader_kwargs: passed to ``DataLoader`` (``pin_memory``, ``persistent_workers``,
             ``prefetch_factor``, ``multiprocessing_context``, …).
 
@@ -83,6 +85,10 @@ class MixtureLoader(torch.utils.data.DataLoader):
         max_passes: int | Mapping[str, int] | None = None,
         delay: int | None = None,
         update_every: int = 1,
+        floors: Any = None,
+        ceilings: Any = None,
+        frozen: Any = None,
+        history_every: int | None = 1,
         **dataloader_kwargs: Any,
     ) -> None:
         for key in _REFUSED:
@@ -105,7 +111,17 @@ class MixtureLoader(torch.utils.data.DataLoader):
             exhausted=exhausted,
             max_passes=max_passes,
         )
-        self.mixer = OnlineMixer(dataset.domains, policy=policy, delay=delay, update_every=update_every, seed=seed)
+        self.mixer = OnlineMixer(
+            dataset.domains,
+            policy=policy,
+            delay=delay,
+            update_every=update_every,
+            seed=seed,
+            floors=floors,
+            ceilings=ceilings,
+            frozen=frozen,
+            history_every=history_every,
+        )
         dataset.schedule = self.mixer.schedule
         dataset.attach_state = True
         k = dataset.num_domains

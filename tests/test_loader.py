@@ -170,6 +170,9 @@ def test_a_checkpoint_from_other_domains_or_workers_is_refused_with_the_differen
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"policy": "no-such-policy"}, ValueError, "unknown policy 'no-such-policy'; known policies: "),
         ({"policy": 3}, TypeError, "policy"),
+        ({"floors": {"zz": 0.1}}, ValueError, r"unknown domain\(s\) \['zz'\]"),
+        ({"ceilings": 0.2}, ValueError, "infeasible constraints"),
+        ({"history_every": 0}, ValueError, "history_every"),
     ],
 )
 def test_loader_arguments_are_checked_at_construction(kwargs, error, match):
@@ -177,6 +180,19 @@ def test_loader_arguments_are_checked_at_construction(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         odm.MixtureLoader(sources(2), **args)
+
+
+def test_bounds_given_to_the_loader_hold_for_every_batch_it_draws(chase_loss):
+    # chase_loss wants the hardest domain (d2 in fake_loss); the bounds keep d0 and d1 fed and cap d2
+    loader = odm.MixtureLoader(
+        sources(), batch_size=40, policy=chase_loss(), floors={"d0": 0.15, "d1": 0.15}, ceilings=0.6, seed=3
+    )
+    counts = np.zeros(3)
+    for _, ids, p in drive(loader, 60):
+        assert min(p[:2]) >= 0.15 - 1e-12 and max(p) <= 0.6 + 1e-12
+        counts += np.bincount(np.array(ids) // 100_000, minlength=3)
+    assert loader.mixer.proportions[2] == pytest.approx(0.6), "the policy chased d2 up to its ceiling"
+    assert counts[2] / counts.sum() > 0.45 and min(counts[:2]) / counts.sum() > 0.1
 
 
 @pytest.mark.parametrize("start_method", START_METHODS)

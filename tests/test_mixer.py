@@ -376,6 +376,36 @@ def test_history_records_each_change_and_replays_with_the_publish_steps():
     assert static.export_schedule() == [(0, [0.5, 0.5])], "unchanged proportions are not published again"
 
 
+def test_history_every_thins_the_policys_publishes_but_keeps_overrides_and_the_live_proportions():
+    def run(every: int | None) -> odm.OnlineMixer:
+        mixer = odm.OnlineMixer(_names(2), Recorder(), history_every=every)
+        for t in range(10):
+            if t == 4:
+                mixer.set_proportions([0.7, 0.3])
+            if t == 6:
+                mixer.release()
+            mixer.observe([0, 1], [1.0, 2.0 + t])
+            mixer.step()
+        return mixer
+
+    full, thin, none = run(1), run(3), run(None)
+    # publishing (what the data pipeline sees) does not depend on how much history is kept
+    for other in (thin, none):
+        assert other.schedule.state_dict() == full.schedule.state_dict()
+        np.testing.assert_array_equal(other.proportions, full.proportions)
+    steps = [s for s, _ in full.history]
+    # every change: the policy's at steps 1-4, the override (also at 4, held through 6), the release at 6, ...
+    assert steps == [0, 1, 2, 3, 4, 4, 6, 7, 8, 9, 10]
+    kept = {s: p.tolist() for s, p in full.history}  # the later entry of a step wins
+    # policy updates 3, 6, 9 (steps 3, 9 and, during the override, none) plus the override and the release
+    assert [s for s, _ in thin.history] == [0, 3, 4, 6, 9]
+    assert all(p.tolist() == kept[s] for s, p in thin.history)
+    assert [s for s, _ in none.history] == [0, 4, 6]
+    assert thin.state_dict()["history"] == thin.export_schedule()
+    with pytest.raises(ValueError, match=r"`history_every` must be an integer >= 1 or None, got 0"):
+        odm.OnlineMixer(_names(2), history_every=0)
+
+
 def test_sample_draws_the_proportions_and_exact_rows_give_exact_counts():
     mixer = odm.OnlineMixer(_names(3), odm.policies.Fixed([0.2, 0.3, 0.5]), seed=1)
     freq = np.bincount(mixer.sample(20_000), minlength=3) / 20_000
