@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DomainFeedback"]
+__all__ = ["DomainFeedback", "all_reduce_host", "distributed"]
 
 # Rows of the per-domain accumulator (each of length K), then two scalar counters.
 LOSS, COUNT, SAMPLES, NONFINITE, EVAL_SUM, EVAL_COUNT, DRAWN = range(7)
@@ -44,6 +44,19 @@ def _host(x: Any, name: str) -> np.ndarray:
 def _check_ids_dtype(integer: bool, dtype: Any) -> None:
     if not integer:
         raise TypeError(f"domain ids must be integers (e.g. torch.long), got dtype {dtype}")
+
+
+def distributed() -> bool:
+    """Whether a ``torch.distributed`` group of more than one rank is running."""
+    ok = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return ok and torch.distributed.get_world_size() > 1
+
+
+def all_reduce_host(acc: np.ndarray) -> np.ndarray:
+    """Sums a host vector over the ranks (one collective) and returns it on the host."""
+    flat = torch.from_numpy(acc).to(_comm_device())
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    return flat.cpu().numpy()
 
 
 def _comm_device() -> torch.device:
@@ -259,23 +272,40 @@ class DomainFeedback:
             rows[EVAL_COUNT] += c
         self.pending = True
 
+    def _host_rows(self, lookup: Callable[[int], np.ndarray]) -> np.ndarray:
+        """The host rows plus the proportions the recorded batches were drawn under (a new array)."""
+        k = self.num_domains
+        acc = self._acc.copy()
+        # Sample-weighted sum of the rows the batches were drawn under; reduced like everything else so every rank
+        # feeds the policy the same importance weights even when ranks saw different batch sizes.
+        drawn = acc[DRAWN * k : (DRAWN + 1) * k]
+        for b, n in self.batches.items():
+            drawn += n * lookup(b)
+        return acc
+
+    def local(self, lookup: Callable[[int], np.ndarray]) -> np.ndarray:
+        """This rank's accumulated vector on the host (the layout :meth:`reduce` sums), leaving it unchanged."""
+        acc = self._host_rows(lookup)
+        if self._dev is not None:
+            acc += self._dev.cpu().numpy()
+        return acc
+
+    def restore(self, acc: np.ndarray) -> None:
+        """Starts over from a vector :meth:`local` returned (a checkpoint taken between two updates)."""
+        self.reset()
+        self._acc[:] = acc
+        self.pending = bool(np.any(acc))
+
     def reduce(self, lookup: Callable[[int], np.ndarray]) -> np.ndarray:
         """Sums the accumulators (host and device), all-reduces them once, returns them on the host.
 
         ``lookup(b)`` gives the proportions batch ``b`` was drawn under.
         """
-        k = self.num_domains
-        if self.batches:
-            # Sample-weighted sum of the rows the batches were drawn under; reduced like everything else so every
-            # rank feeds the policy the same importance weights even when ranks saw different batch sizes.
-            drawn = self._acc[DRAWN * k : (DRAWN + 1) * k]
-            for b, n in self.batches.items():
-                drawn += n * lookup(b)
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        dist = dist and torch.distributed.get_world_size() > 1
+        acc = self._host_rows(lookup)
+        dist = distributed()
         if self._dev is None and not dist:
-            return self._acc
-        flat = torch.from_numpy(self._acc)
+            return acc
+        flat = torch.from_numpy(acc)
         if self._dev is not None:
             flat = self._dev + flat.to(self._dev.device)
         elif dist:

@@ -15,9 +15,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from odm.dataset import largest_remainder
-from odm.feedback import COUNT, DRAWN, EVAL_COUNT, EVAL_SUM, LOSS, NONFINITE, NUM_ROWS, SAMPLES, DomainFeedback
+from odm.feedback import (
+    COUNT,
+    DRAWN,
+    EVAL_COUNT,
+    EVAL_SUM,
+    LOSS,
+    NONFINITE,
+    NUM_ROWS,
+    SAMPLES,
+    DomainFeedback,
+    all_reduce_host,
+    distributed,
+)
 from odm.policies import EVAL_LOSS, DomainStats, Policy, check_proportions, get_policy
 from odm.policies.constraints import Constraints
 from odm.schedule import MODE_EXACT, MODE_SAMPLE, ProportionSchedule
@@ -351,10 +364,24 @@ class OnlineMixer:
         return [(s, p.tolist()) for s, p in self.history]
 
     def state_dict(self) -> dict[str, Any]:
-        """Policy, schedule, counters, generator and history as a plain versioned dict."""
-        if self._feedback.pending:
+        """Policy, schedule, counters, generator, history and pending statistics as a plain versioned dict.
+
+        A checkpoint taken between two updates (``update_every > 1``) keeps the statistics observed since the
+        last update, so the resumed run's next update is the uninterrupted run's. Under ``torch.distributed``
+        those are summed over the ranks, which makes this call a collective *between updates* (when the number
+        of :meth:`step` calls is not a multiple of ``update_every``): call it on every rank then, as
+        :meth:`odm.MixtureLoader.state_dict` always requires.
+        """
+        pending = None
+        between = self._step % self.update_every != 0
+        if between or (self._feedback.pending and not distributed()):
+            pending = self._feedback.local(lambda b: self.schedule.lookup(b)[0])
+            if between and distributed():
+                pending = all_reduce_host(pending)
+        elif self._feedback.pending:
             warnings.warn(
-                "odm: state_dict() called with statistics observed since the last update; they are not saved",
+                "odm: state_dict() called under torch.distributed after observe() but before the step() that "
+                "updates; those statistics are not saved (checkpoint after step())",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -370,6 +397,7 @@ class OnlineMixer:
             "override": None if self._override is None else self._override.tolist(),
             "rng": self._rng.bit_generator.state,
             "history": self.export_schedule(),
+            "pending": None if pending is None else pending.tolist(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -396,6 +424,14 @@ class OnlineMixer:
         self.history = [(int(s), np.asarray(p, dtype=np.float64)) for s, p in state_dict["history"]]
         self._published = self.proportions
         self._feedback.reset()
+        pending = state_dict.get("pending")  # absent from checkpoints written before it was saved
+        if pending is not None:
+            expected = NUM_ROWS * self.num_domains + 2
+            if len(pending) != expected:
+                raise ValueError(f"mixer state has {len(pending)} pending statistics, expected {expected}")
+            # Under DDP every rank loads the same (already summed) statistics: one rank adds them to the next update.
+            if not distributed() or torch.distributed.get_rank() == 0:
+                self._feedback.restore(np.asarray(pending, dtype=np.float64))
 
     def __repr__(self) -> str:
         return f"OnlineMixer(domains={self.domains}, policy={self.policy!r}, delay={self.delay})"

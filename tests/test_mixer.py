@@ -434,6 +434,65 @@ def test_the_mixer_state_round_trip_continues_the_same_trajectory(assert_resumes
     assert_resumes_identically(lambda: odm.OnlineMixer(_names(4), ChaseLoss(), seed=3), run, before=7, after=9)
 
 
+def _exp3_run(mixer: odm.OnlineMixer, n: int) -> list:
+    out = []
+    for _ in range(n):
+        t = mixer._step
+        ids = mixer.sample(16)
+        mixer.observe(torch.from_numpy(ids), torch.from_numpy(np.sin(ids + 0.1 * t) + 2.0), mix_step=t)
+        mixer.step()
+        out.append(mixer.proportions.tobytes())
+    return out
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("before", [9, 10, 11])
+def test_a_checkpoint_between_updates_keeps_the_statistics_observed_since_the_last_one(
+    assert_resumes_identically, monkeypatch, path, before
+):
+    if path == "device":  # the torch accumulator CUDA losses take, on CPU tensors
+        monkeypatch.setattr(odm.feedback, "_HOST_DEVICE_TYPES", frozenset())
+
+    def make() -> odm.OnlineMixer:
+        return odm.OnlineMixer(_names(4), "exp3", update_every=4, seed=3)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped, so nothing is warned about
+        assert_resumes_identically(make, _exp3_run, before=before, after=9)
+    # and the check can fail: without the pending statistics the next update differs
+    whole = _exp3_run(make(), 20)
+    first = make()
+    _exp3_run(first, 10)
+    state = first.state_dict()
+    assert state["pending"] is not None
+    second = make()
+    second.load_state_dict(state | {"pending": None})
+    assert _exp3_run(second, 10) != whole[10:]
+
+
+def test_statistics_observed_before_the_step_are_saved_too():
+    """A loop that checkpoints after observe() but before step() resumes with those losses in the update."""
+
+    def make() -> odm.OnlineMixer:
+        return odm.OnlineMixer(_names(3), ChaseLoss(), update_every=2)
+
+    whole, first = make(), make()
+    for mixer in (whole, first):
+        _exp3_run(mixer, 4)
+        mixer.observe([0, 1, 2, 2], [1.0, 2.0, 5.0, 6.0])
+    state = first.state_dict()
+    second, without = make(), make()
+    second.load_state_dict(state)
+    without.load_state_dict(state | {"pending": None})
+    for mixer in (whole, second, without):
+        mixer.step()
+        mixer.step()
+    assert whole.proportions.tobytes() == second.proportions.tobytes()
+    assert not np.allclose(whole.proportions, without.proportions)
+    with pytest.raises(ValueError, match="mixer state has 3 pending statistics, expected 23"):
+        make().load_state_dict(state | {"pending": [0.0] * 3})
+
+
 def test_a_checkpoint_from_other_domains_is_refused_with_the_difference():
     state = odm.OnlineMixer(["a", "b"], ChaseLoss()).state_dict()
     with pytest.raises(ValueError, match=r"the checkpoint has \['b'\] which this run lacks"):
