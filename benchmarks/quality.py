@@ -1,7 +1,7 @@
 """Mixing quality: does an online policy train a better model than uniform sampling for the same budget?
 
     python benchmarks/corpus.py --max-mb 5 && python benchmarks/quality.py --quick   # minutes
-    python benchmarks/quality.py                                                     # the full run
+    python benchmarks/quality.py --jobs 2                                            # the full run
     python benchmarks/quality.py --data DIR --policies uniform odm --seeds 3 --steps 500
 
 Protocol (``shared/design/BENCHMARKS.md`` §3): a tiny byte-level decoder LM (``model.py``) trains on a
@@ -40,11 +40,13 @@ import datetime
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import ByteLM, LMConfig, per_sequence_loss
 
 import odm
-from odm.policies import EVAL_LOSS, REFERENCE_LOSS
+from odm.policies import REFERENCE_LOSS
 
 try:
     from tqdm.auto import tqdm
@@ -257,7 +259,7 @@ def build_policy(spec: Spec, corpus: Corpus, reference: np.ndarray | None) -> od
         kwargs["samples"] = [[corpus.train[d][:262_144].tobytes()] for d in corpus.domains]
     cls = odm.policies._REGISTRY[spec.name]  # the class, to inspect its signature
     key = _reference_kwarg(cls)
-    if key is not None or REFERENCE_LOSS in cls.requires:
+    if _needs_reference(spec):
         if key is None:
             raise RuntimeError(f"{cls.__name__} needs reference losses but takes no `reference…` argument")
         if reference is None:
@@ -570,6 +572,74 @@ QUICK = dict(steps=200, eval_every=20, eval_windows=24, policy_eval_windows=8, w
 QUICK_MODEL = LMConfig(num_layers=2, width=64, num_heads=4, context=64)
 
 
+def _needs_reference(spec: Spec) -> bool:
+    cls = odm.policies._REGISTRY[spec.name]
+    return _reference_kwarg(cls) is not None or REFERENCE_LOSS in cls.requires
+
+
+def run_one(
+    spec: Spec, seed: int, corpus: Corpus, cfg: RunConfig, reference: np.ndarray | None, progress: bool = False
+) -> dict[str, Any] | str:
+    """One (policy, seed) run: its result, or the reason it could not be built."""
+    try:
+        policy = build_policy(spec, corpus, reference)
+    except RuntimeError as err:
+        return str(err)
+    r = train_run(policy, corpus, cfg, seed=seed, label=spec.label, progress=progress)
+    r.update(policy=spec.label, name=spec.name, kwargs=dict(spec.kwargs), seed=seed)
+    return r
+
+
+def _warm_up(corpus: Corpus, cfg: RunConfig) -> None:
+    """A short untimed run, so the first timed run does not pay for allocator and kernel warm-up."""
+    train_run(odm.policies.Uniform(), corpus, dataclasses.replace(cfg, steps=5, eval_every=5), seed=0, progress=False)
+
+
+_WORKER: dict[str, Any] = {}  # a --jobs worker process's corpus
+
+
+def _worker_init(data: Path, max_train_mb: float | None, threads: int, cfg: RunConfig) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["corpus"] = load_corpus(data, max_train_mb=max_train_mb)
+    _warm_up(_WORKER["corpus"], cfg)
+
+
+def _worker_run(spec: Spec, seed: int, cfg: RunConfig, reference: np.ndarray | None) -> dict[str, Any] | str:
+    return run_one(spec, seed, _WORKER["corpus"], cfg, reference)
+
+
+def _run_parallel(
+    jobs: list[tuple[Spec, int]],
+    cfg: RunConfig,
+    *,
+    workers: int,
+    data: Path,
+    max_train_mb: float | None,
+    threads: int,
+    on_done: Callable[[Spec, int, dict[str, Any] | str], None],
+    reference: dict[int, np.ndarray],
+) -> None:
+    """Runs ``jobs`` on ``workers`` processes (``threads`` torch threads each); a job that needs a reference
+    starts once uniform's run of its seed is done (``on_done`` fills ``reference``)."""
+    waiting = [j for j in jobs if _needs_reference(j[0])]
+    context = multiprocessing.get_context("spawn")  # fork after torch has run threads can hang in OpenMP
+    initargs = (data, max_train_mb, threads, cfg)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=initargs) as pool:
+        pending = {
+            pool.submit(_worker_run, spec, seed, cfg, None): (spec, seed)
+            for spec, seed in jobs
+            if (spec, seed) not in waiting
+        }
+        while pending or waiting:
+            for job in [j for j in waiting if j[1] in reference or not pending]:
+                waiting.remove(job)
+                pending[pool.submit(_worker_run, *job, cfg, reference.get(job[1]))] = job
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec, seed = pending.pop(future)
+                on_done(spec, seed, future.result())
+
+
 def run(
     data: Path,
     *,
@@ -582,8 +652,13 @@ def run(
     progress: bool = True,
     tag: str | None = None,
     model: LMConfig | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Runs the benchmark and writes ``quality-<hardware>-<date>.{json,md}`` and the plots; returns the result."""
+    """Runs the benchmark and writes ``quality-<hardware>-<date>.{json,md}`` and the plots; returns the result.
+
+    ``jobs > 1`` trains that many runs at once in worker processes of ``torch.get_num_threads() // jobs`` threads
+    (at least 1); each run is the same as in one process with that many threads.
+    """
     corpus = load_corpus(data, max_train_mb=max_train_mb)
     cfg = RunConfig(**QUICK, model=QUICK_MODEL) if quick else RunConfig()
     if model is not None:
@@ -594,35 +669,49 @@ def run(
     mb = ", ".join(f"{d} {len(corpus.train[d]) / 1e6:.1f}" for d in corpus.domains)
     print(f"data {data}: {len(corpus.domains)} domains (train MB: {mb})")
     print(f"policies: {[s.label for s in specs]}; seeds {list(seeds)}; {cfg.steps} steps; model {cfg.model}")
-    runs: list[dict[str, Any]] = []
+    done: dict[tuple[str, int], dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     reference: dict[int, np.ndarray] = {}
     start = time.perf_counter()
-    # A short untimed run first, so the first timed run does not pay for allocator and kernel warm-up.
-    train_run(odm.policies.Uniform(), corpus, dataclasses.replace(cfg, steps=5, eval_every=5), seed=0, progress=False)
-    jobs = [(spec, seed) for spec in specs for seed in seeds]
-    outer = tqdm(jobs, desc="runs", disable=not progress) if tqdm else jobs
-    for spec, seed in outer:
-        if spec.label in skipped:
-            continue
-        try:
-            policy = build_policy(spec, corpus, reference.get(seed))
-        except RuntimeError as err:
-            skipped[spec.label] = str(err)
-            print(f"skip {spec.label}: {err}")
-            continue
-        if EVAL_LOSS in policy.requires and not hasattr(odm.OnlineMixer, "observe_eval"):
-            skipped[spec.label] = "needs held-out losses but odm.OnlineMixer has no wants_eval/observe_eval yet"
-            print(f"skip {spec.label}: {skipped[spec.label]}")
-            continue
-        r = train_run(policy, corpus, cfg, seed=seed, label=spec.label, progress=progress)
-        r.update(policy=spec.label, name=spec.name, kwargs={k: v for k, v in spec.kwargs.items()}, seed=seed)
+    jobs_list = [(spec, seed) for spec in specs for seed in seeds]  # uniform first (see `discover`)
+    outer = tqdm(total=len(jobs_list), desc="runs", disable=not progress) if tqdm else None
+
+    def on_done(spec: Spec, seed: int, r: dict[str, Any] | str) -> None:
+        if outer is not None:
+            outer.update(1)
+        if isinstance(r, str):
+            if spec.label not in skipped:
+                print(f"skip {spec.label}: {r}")
+            skipped[spec.label] = r
+            return
         train_curve = r.pop("train_curve")
         if spec.label == "uniform":
             # steps before a domain's first draw (NaN) borrow its first smoothed value
             first = train_curve[np.argmax(~np.isnan(train_curve), axis=0), np.arange(train_curve.shape[1])]
             reference[seed] = np.where(np.isnan(train_curve), first, train_curve)
-        runs.append(r)
+        done[(spec.label, seed)] = r
+
+    if jobs > 1:
+        threads = max(1, torch.get_num_threads() // jobs)
+        _run_parallel(
+            jobs_list,
+            cfg,
+            workers=jobs,
+            data=data,
+            max_train_mb=max_train_mb,
+            threads=threads,
+            on_done=on_done,
+            reference=reference,
+        )
+    else:
+        _warm_up(corpus, cfg)
+        for spec, seed in jobs_list:
+            if spec.label in skipped:
+                continue
+            on_done(spec, seed, run_one(spec, seed, corpus, cfg, reference.get(seed), progress))
+    if outer is not None:
+        outer.close()
+    runs = [done[(spec.label, seed)] for spec, seed in jobs_list if (spec.label, seed) in done]
     if not runs:
         raise RuntimeError(f"no policy ran; skipped: {skipped}")
     summary = summarise(runs, corpus.domains, corpus.natural_bytes, cfg.steps)
@@ -635,7 +724,11 @@ def run(
         else "quality.run()",
         "hardware": hardware(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s)",
+        + (
+            f"{jobs} jobs x {max(1, torch.get_num_threads() // jobs)} thread(s)"
+            if jobs > 1
+            else f"{torch.get_num_threads()} thread(s)"
+        ),
         "date": date.strftime("%Y-%m-%d %H:%M UTC"),
         "config": cfg_dict,
         "num_parameters": ByteLM(cfg.model).num_parameters(),
@@ -735,7 +828,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
     parser.add_argument("--steps", type=int, help="training steps per run (default 800; quick 200)")
     parser.add_argument("--max-train-mb", type=float, help="read at most this many MB of training text per domain")
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads in all")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, in worker processes sharing --threads (e.g. 2)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     parser.add_argument("--tag", help="file name tag instead of the hardware name")
     parser.add_argument("--no-progress", action="store_true")
@@ -754,6 +850,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1 or args.threads < 1:
+        parser.error(f"--jobs and --threads must be >= 1, got {args.jobs} and {args.threads}")
     torch.set_num_threads(args.threads)
     run(
         args.data,
@@ -765,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
         max_train_mb=args.max_train_mb,
         progress=not args.no_progress,
         tag=args.tag,
+        jobs=args.jobs,
     )
     return 0
 

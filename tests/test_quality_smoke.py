@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import random
@@ -20,13 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str) -> Any:
-    path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    # imported by its own name from benchmarks/ (as the script imports `model`), so that --jobs worker processes,
+    # which are spawned and unpickle their functions by module name, can import it too
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
 
 
 quality = _load("quality")
@@ -79,7 +77,7 @@ def test_quality_run_writes_finite_results_for_every_policy_it_ran(tmp_path: Pat
     summary = saved["summary"]["policies"]
     # a registry name selects the policy and its benchmark variants (aioli -> aioli, aioli-short)
     ran = {"uniform", "natural"} | ({"odm-paper"} if "odm" in names else set())
-    ran |= {p for p in ("doremi", "aioli", "aioli-short") if p.split("-")[0] in names}
+    ran |= {p for p in ("doremi", "doremi-eta0.1", "aioli", "aioli-short") if p.split("-")[0] in names}
     assert set(summary) | set(saved["skipped"]) == ran
     assert {"uniform", "natural"} <= set(summary)
     for label, s in summary.items():
@@ -157,3 +155,21 @@ def test_report_merges_split_runs_into_the_result_of_one_run_and_refuses_mismatc
     (tmp_path / "steps.json").write_text(json.dumps(changed))
     with pytest.raises(ValueError, match="`config` differ"):
         quality.report([both, tmp_path / "steps.json"], out=tmp_path / "x", tag="x")
+
+
+def test_parallel_jobs_reproduce_the_sequential_runs_including_reference_policies(tmp_path: Path) -> None:
+    data = tmp_path / "corpus"
+    _write_corpus(data)
+    tiny = quality.LMConfig(num_layers=1, width=32, num_heads=2, context=32)
+    # DoReMi needs uniform's curve of the same seed, so its runs wait for uniform's in the parallel schedule
+    common = {"quick": True, "policies": ["uniform", "natural", "doremi"], "seeds": [0, 1], "steps": 8}
+    common |= {"progress": False, "model": tiny}
+    one = quality.run(data, out=tmp_path / "one", **common)
+    two = quality.run(data, out=tmp_path / "two", jobs=2, **common)
+    assert "2 jobs" in two["machine"]
+    key = [(r["policy"], r["seed"]) for r in one["runs"]]
+    assert key == [(r["policy"], r["seed"]) for r in two["runs"]]
+    assert {p for p, _ in key} == {"uniform", "natural", "doremi", "doremi-eta0.1"} - set(one["skipped"])
+    for a, b in zip(one["runs"], two["runs"], strict=True):
+        assert a["curve"] == b["curve"], (a["policy"], a["seed"])
+        assert a["proportions"] == b["proportions"], (a["policy"], a["seed"])
