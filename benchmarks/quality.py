@@ -198,6 +198,8 @@ VARIANTS = [
     Spec("odm-released", "odm", {"variant": "released"}),
     Spec("exp3s-progress", "exp3s", {"reward": "progress"}),
     Spec("exp3-progress", "exp3", {"reward": "progress"}),
+    # the best static prior as the starting point of the best bandit: does adapting on top of it help?
+    Spec("exp3s-progress-natural", "exp3s", {"reward": "progress", "prior": "natural"}),
     Spec("discounted_ucb-progress", "discounted_ucb", {"reward": "progress"}),
     # Exploration and step-size choices the defaults were decided on (see the policies' docstrings).
     Spec("ucb1-gamma0.5", "ucb1", {"gamma": 0.5}),
@@ -255,6 +257,8 @@ def build_policy(spec: Spec, corpus: Corpus, reference: np.ndarray | None) -> od
     kwargs = dict(spec.kwargs)
     if spec.name in ("natural", "temperature"):
         kwargs["sizes"] = corpus.natural_bytes
+    if kwargs.get("prior") == "natural":  # a policy started from (and sharing back to) the natural proportions
+        kwargs["prior"] = corpus.natural_bytes
     if spec.name == "entropy":  # the entropy prior estimates from a sample of each domain's training bytes
         kwargs["samples"] = [[corpus.train[d][:262_144].tobytes()] for d in corpus.domains]
     cls = odm.policies._REGISTRY[spec.name]  # the class, to inspect its signature

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from odm.policies.base import DomainStats, Policy
+from odm.policies.base import DomainStats, Policy, check_proportions
 
 __all__ = ["EXP3", "EXP3S", "exp3_update", "exp3s_update", "importance_estimates", "scaled_rewards"]
 
@@ -158,10 +159,13 @@ def logsumexp(x: np.ndarray) -> float:
     return top + math.log(float(np.exp(x - top).sum()))
 
 
-def exp3_update(gains: np.ndarray, estimates: np.ndarray, gamma: float, eta: float) -> tuple[np.ndarray, np.ndarray]:
+def exp3_update(
+    gains: np.ndarray, estimates: np.ndarray, gamma: float, eta: float, log_prior: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """EXP3 (Auer et al. 2002, "The Nonstochastic Multiarmed Bandit Problem").
 
-    ``G_i ← G_i + x̂_i``;  ``p = (1−γ)·softmax(η·G) + γ/K``.
+    ``G_i ← G_i + x̂_i``;  ``p = (1−γ)·softmax(η·G + ln π) + γ/K``: the weights start at the prior ``π``
+    (default uniform, the textbook rule) and grow multiplicatively.
 
     ``G`` is returned shifted so that ``max G = 0`` (softmax is shift-invariant), which keeps it bounded for
     millions of updates.
@@ -171,17 +175,24 @@ def exp3_update(gains: np.ndarray, estimates: np.ndarray, gamma: float, eta: flo
     """
     g = gains + estimates
     g -= g.max()
-    w = np.exp(eta * g)
+    z = eta * g if log_prior is None else eta * g + log_prior
+    w = np.exp(z - z.max())
     p = (1.0 - gamma) * (w / w.sum()) + gamma / g.shape[0]
     return g, p
 
 
 def exp3s_update(
-    log_weights: np.ndarray, estimates: np.ndarray, gamma: float, eta: float, alpha: float
+    log_weights: np.ndarray,
+    estimates: np.ndarray,
+    gamma: float,
+    eta: float,
+    alpha: float,
+    log_prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """EXP3.S (Auer et al. 2002), weight sharing so the policy recovers when the best domain changes.
 
-    ``w_i ← w_i·exp(η·x̂_i) + (e·α/K)·Σ_j w_j``;  ``p = (1−γ)·w/Σw + γ/K`` (Auer's ``η = γ/K``).
+    ``w_i ← w_i·exp(η·x̂_i) + e·α·π_i·Σ_j w_j``;  ``p = (1−γ)·w/Σw + γ/K`` (Auer's ``η = γ/K``). The shared
+    weight flows back to the prior ``π`` (default uniform, ``π_i = 1/K``: Auer's rule), where the weights start.
 
     Weights are kept in log space and normalised (``Σw = 1``) after every update; the rule is homogeneous in
     ``w``, so this changes nothing but the overflow.
@@ -190,7 +201,8 @@ def exp3s_update(
         ``(log_weights, proportions)``.
     """
     k = log_weights.shape[0]
-    lw = np.logaddexp(log_weights - logsumexp(log_weights) + eta * estimates, math.log(math.e * alpha / k))
+    share = math.log(math.e * alpha) + (-math.log(k) if log_prior is None else log_prior)
+    lw = np.logaddexp(log_weights - logsumexp(log_weights) + eta * estimates, share)
     lw -= logsumexp(lw)
     p = (1.0 - gamma) * np.exp(lw) + gamma / k
     return lw, p
@@ -258,6 +270,8 @@ class EXP3(BanditPolicy):
     Args:
         gamma: exploration ``γ ∈ (0, 1]``.
         eta: learning rate ``η > 0``; default ``γ/K`` (Auer et al.).
+        prior: initial weights ``π`` (e.g. the domains' natural sizes; normalised, every entry > 0); the
+            policy starts at ``(1−γ)·π + γ/K`` and learns from there. Default uniform.
         reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`.
 
     Example:
@@ -275,6 +289,7 @@ class EXP3(BanditPolicy):
         gamma: float = 0.1,
         *,
         eta: float | None = None,
+        prior: Sequence[float] | np.ndarray | None = None,
         reward: str = "loss",
         loss_smoothing: float = 0.9,
         progress_smoothing: float = 0.9,
@@ -288,20 +303,36 @@ class EXP3(BanditPolicy):
         )
         self.gamma = check_rate("gamma", gamma, upper=1.0)
         self.eta = None if eta is None else check_rate("eta", eta)
+        self.prior = None if prior is None else check_proportions(prior, name="prior")
+        if self.prior is not None and not np.all(self.prior > 0):
+            raise ValueError(
+                f"`prior` must be > 0 for every domain (multiplicative weights cannot grow from 0), got {prior!r}"
+            )
 
     def _learning_rate(self) -> float:
         return self.gamma / self.num_domains if self.eta is None else self.eta
 
+    def _check_prior(self, num_domains: int) -> None:
+        if self.prior is not None and len(self.prior) != num_domains:
+            raise ValueError(f"`prior` has {len(self.prior)} entries but the mixer has {num_domains} domains")
+        self._log_prior = None if self.prior is None else np.log(self.prior)
+
+    def _initial_proportions(self, num_domains: int) -> np.ndarray:
+        if self.prior is None:
+            return np.full(num_domains, 1.0 / num_domains)
+        return (1.0 - self.gamma) * self.prior + self.gamma / num_domains
+
     def _init_state(self, num_domains: int) -> None:
+        self._check_prior(num_domains)
         self._init_rewards(num_domains)
         self._gains = np.zeros(num_domains)
-        self._p = np.full(num_domains, 1.0 / num_domains)
+        self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
         if not usable_stats(stats, self.num_domains, type(self).__name__):
             return
         estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
-        self._gains, self._p = exp3_update(self._gains, estimates, self.gamma, self._learning_rate())
+        self._gains, self._p = exp3_update(self._gains, estimates, self.gamma, self._learning_rate(), self._log_prior)
 
     def _get_state(self) -> dict[str, Any]:
         return {"gains": self._gains.copy(), **self._reward_state()}
@@ -320,6 +351,8 @@ class EXP3S(EXP3):
         gamma: exploration ``γ ∈ (0, 1]``.
         alpha: weight sharing ``α ∈ (0, 1)`` (Auer et al. suggest ``1/T`` for ``T`` updates).
         eta: learning rate ``η > 0``; default ``γ/K`` (Auer et al.).
+        prior: initial weights ``π``, to which the shared weight also flows back (normalised, every entry > 0);
+            default uniform.
         reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. Evidence for the
             choice: on ``benchmarks/quality.py`` at full size (12 real domains, 800 steps, 3 seeds) ``reward=
             "progress"`` was the best online policy, −0.018 ± 0.013 bits per byte against uniform on every seed;
@@ -342,6 +375,7 @@ class EXP3S(EXP3):
         *,
         alpha: float = 1e-3,
         eta: float | None = None,
+        prior: Sequence[float] | np.ndarray | None = None,
         reward: str = "loss",
         loss_smoothing: float = 0.9,
         progress_smoothing: float = 0.9,
@@ -350,6 +384,7 @@ class EXP3S(EXP3):
         super().__init__(
             gamma,
             eta=eta,
+            prior=prior,
             reward=reward,
             loss_smoothing=loss_smoothing,
             progress_smoothing=progress_smoothing,
@@ -358,16 +393,17 @@ class EXP3S(EXP3):
         self.alpha = check_open_unit("alpha", alpha)
 
     def _init_state(self, num_domains: int) -> None:
+        self._check_prior(num_domains)
         self._init_rewards(num_domains)
-        self._log_weights = np.full(num_domains, -math.log(num_domains))
-        self._p = np.full(num_domains, 1.0 / num_domains)
+        self._log_weights = np.full(num_domains, -math.log(num_domains)) if self.prior is None else np.log(self.prior)
+        self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
         if not usable_stats(stats, self.num_domains, type(self).__name__):
             return
         estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
         self._log_weights, self._p = exp3s_update(
-            self._log_weights, estimates, self.gamma, self._learning_rate(), self.alpha
+            self._log_weights, estimates, self.gamma, self._learning_rate(), self.alpha, self._log_prior
         )
 
     def _get_state(self) -> dict[str, Any]:

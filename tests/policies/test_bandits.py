@@ -51,9 +51,10 @@ def shares(stats: DomainStats) -> list[float]:
 
 
 class ReferenceEXP3:
-    def __init__(self, k: int, gamma: float, eta: float, rewards: ReferenceRewards) -> None:
+    def __init__(self, k: int, gamma: float, eta: float, rewards: ReferenceRewards, prior=None) -> None:
         self.k, self.gamma, self.eta, self.rewards = k, gamma, eta, rewards
         self.gains = [0.0] * k
+        self.prior = [1.0] * k if prior is None else list(prior)
 
     def update(self, stats: DomainStats) -> list[float]:
         r, s = self.rewards(stats), shares(stats)
@@ -61,23 +62,24 @@ class ReferenceEXP3:
             if stats.count[i] > 0:
                 self.gains[i] += r[i] * s[i] / stats.proportions[i]
         top = max(self.gains)
-        w = [math.exp(self.eta * (g - top)) for g in self.gains]
+        w = [pi * math.exp(self.eta * (g - top)) for pi, g in zip(self.prior, self.gains)]
         return [(1 - self.gamma) * wi / sum(w) + self.gamma / self.k for wi in w]
 
 
 class ReferenceEXP3S:
     """Auer et al.'s Exp3.S with unnormalised weights (fine for a few hundred updates)."""
 
-    def __init__(self, k: int, gamma: float, eta: float, alpha: float, rewards: ReferenceRewards) -> None:
+    def __init__(self, k: int, gamma: float, eta: float, alpha: float, rewards: ReferenceRewards, prior=None) -> None:
         self.k, self.gamma, self.eta, self.alpha, self.rewards = k, gamma, eta, alpha, rewards
-        self.w = [1.0] * k
+        self.w = [1.0] * k if prior is None else [x / sum(prior) for x in prior]
+        self.share = [1.0 / k] * k if prior is None else [x / sum(prior) for x in prior]
 
     def update(self, stats: DomainStats) -> list[float]:
         r, s = self.rewards(stats), shares(stats)
         total = sum(self.w)
         for i in range(self.k):
             x = r[i] * s[i] / stats.proportions[i] if stats.count[i] > 0 else 0.0
-            self.w[i] = self.w[i] * math.exp(self.eta * x) + math.e * self.alpha / self.k * total
+            self.w[i] = self.w[i] * math.exp(self.eta * x) + math.e * self.alpha * self.share[i] * total
         total = sum(self.w)
         return [(1 - self.gamma) * wi / total + self.gamma / self.k for wi in self.w]
 
@@ -118,6 +120,37 @@ def test_exp3s_matches_the_reference_loop(seed: int, granularity: str, reward: s
         stats = draw_stats(rng, policy.proportions, t, granularity)
         policy.update(stats)
         np.testing.assert_allclose(policy.proportions, reference.update(stats), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("cls", [EXP3, EXP3S])
+def test_a_prior_sets_the_starting_weights_and_matches_the_reference_loop(seed: int, cls: type) -> None:
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 10))
+    gamma, alpha = rng.uniform(0.05, 0.5), rng.uniform(1e-4, 0.2)
+    prior = rng.uniform(0.05, 5.0, k)  # unnormalised, like domain sizes
+    rewards = ReferenceRewards(k, "progress" if seed % 2 else "loss", 0.9, 0.9, 0.999)
+    if cls is EXP3:
+        policy = EXP3(gamma, prior=prior, reward=rewards.reward).bind(k)
+        reference = ReferenceEXP3(k, gamma, gamma / k, rewards, prior=prior)
+    else:
+        policy = EXP3S(gamma, alpha=alpha, prior=prior, reward=rewards.reward).bind(k)
+        reference = ReferenceEXP3S(k, gamma, gamma / k, alpha, rewards, prior=prior)
+    np.testing.assert_allclose(policy.proportions, (1 - gamma) * prior / prior.sum() + gamma / k, rtol=1e-12)
+    for t in range(1, 201):
+        stats = draw_stats(rng, policy.proportions, t, "sample")
+        policy.update(stats)
+        np.testing.assert_allclose(policy.proportions, reference.update(stats), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("cls", [EXP3, EXP3S])
+def test_a_prior_must_be_positive_and_match_the_domains(cls: type) -> None:
+    with pytest.raises(ValueError, match=r"`prior` must be > 0 for every domain"):
+        cls(prior=[0.5, 0.0, 0.5])
+    with pytest.raises(ValueError, match="`prior` must be non-negative"):
+        cls(prior=[0.5, -1.0])
+    with pytest.raises(ValueError, match="`prior` has 3 entries but the mixer has 4 domains"):
+        cls(prior=[1, 2, 3]).bind(4)
 
 
 @pytest.mark.parametrize("reward", ["loss", "progress"])
