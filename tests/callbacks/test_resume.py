@@ -55,12 +55,24 @@ class Trajectory(pl.Callback):
 
 
 def fit(
-    tmp_path: Path, policy: str, num_workers: int, max_steps: int, *, give: str = "loader", **kwargs: Any
+    tmp_path: Path,
+    policy: str,
+    num_workers: int,
+    max_steps: int,
+    *,
+    give: str = "loader",
+    update_every: int = 1,
+    **kwargs: Any,
 ) -> tuple[Any, ...]:
     torch.manual_seed(0)
     granularity = "batch" if policy == "odm" else "sample"
     loader = odm.MixtureLoader(
-        toy_sources(), batch_size=BATCH, policy=make_policy(policy), num_workers=num_workers, granularity=granularity
+        toy_sources(),
+        batch_size=BATCH,
+        policy=make_policy(policy),
+        num_workers=num_workers,
+        granularity=granularity,
+        update_every=update_every,
     )
     model = Regressor()
     record = Trajectory(loader.mixer)
@@ -82,18 +94,21 @@ def fit(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("policy", "num_workers", "give"), [("exp3", 0, "loader"), ("exp3", 2, "loader"), ("odm", 0, "mixer")]
+    ("policy", "num_workers", "give", "every"),
+    # every=4: the checkpoint after step 9 falls between two policy updates (the losses of step 9 are pending)
+    [("exp3", 0, "loader", 1), ("exp3", 2, "loader", 1), ("odm", 0, "mixer", 1), ("exp3", 0, "loader", 4)],
 )
-def test_a_run_resumed_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path, policy, num_workers, give):
-    whole, whole_mixer, whole_model = fit(tmp_path / "whole", policy, num_workers, BEFORE + AFTER, give=give)
+def test_a_run_resumed_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(
+    tmp_path, policy, num_workers, give, every
+):
+    run = {"give": give, "update_every": every}
+    whole, whole_mixer, whole_model = fit(tmp_path / "whole", policy, num_workers, BEFORE + AFTER, **run)
 
     save = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=BEFORE, save_top_k=-1)
-    first, _, _ = fit(tmp_path / "first", policy, num_workers, BEFORE, give=give, callbacks=[save])
+    first, _, _ = fit(tmp_path / "first", policy, num_workers, BEFORE, callbacks=[save], **run)
     ckpt = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert [p.name for p in ckpt] == [f"epoch=0-step={BEFORE}.ckpt"]
-    rest, rest_mixer, rest_model = fit(
-        tmp_path / "rest", policy, num_workers, BEFORE + AFTER, give=give, ckpt_path=ckpt[0]
-    )
+    rest, rest_mixer, rest_model = fit(tmp_path / "rest", policy, num_workers, BEFORE + AFTER, ckpt_path=ckpt[0], **run)
 
     assert [s[0] for s in whole] == list(range(BEFORE + AFTER))
     assert len(first) == BEFORE and len(rest) == AFTER
