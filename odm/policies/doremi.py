@@ -58,7 +58,10 @@ class DoReMi(Policy):
     *sampling* proportions.
 
     Args:
-        eta: ``η > 0``, step size (1.0 in the authors' runs).
+        eta: ``η > 0``, step size. Default 0.1, not the authors' 1.0 (tuned for proxy training with loss
+            weights): sampling online on ``benchmarks/quality.py`` (12 real domains, 800 steps, 3 seeds, reference
+            = uniform's losses) ``η = 1`` ended +0.20 ± 0.11 bits per byte behind uniform and ``η = 0.1`` +0.008
+            ± 0.012; on the demo's scale ``η = 1`` swings to one domain within a few updates.
         smoothing: ``c ∈ [0, 1]``, weight of the uniform mixture (1e-3 in the authors' runs).
         reference: per-domain reference losses ``(K,)``, or a callable ``step -> (K,)`` (``stats.step``), e.g.
             a lookup into a reference run's loss curve. When an update carries ``stats.reference_loss`` (the
@@ -72,7 +75,7 @@ class DoReMi(Policy):
         >>> policy = DoReMi(reference=[1.0, 1.0]).bind(2)
         >>> policy.update(DomainStats.from_losses([2.0, 1.0], [0.5, 0.5]))
         >>> policy.proportions.round(3)
-        array([0.731, 0.269])
+        array([0.525, 0.475])
     """
 
     name = "doremi"
@@ -80,7 +83,7 @@ class DoReMi(Policy):
 
     def __init__(
         self,
-        eta: float = 1.0,
+        eta: float = 0.1,
         *,
         smoothing: float = 1e-3,
         reference: Reference | None = None,

@@ -150,7 +150,7 @@ def test_an_arm_never_pulled_is_chosen_before_any_pulled_arm() -> None:
 def test_defaults_and_registry() -> None:
     for name, cls in [("ucb1", UCB1), ("discounted_ucb", DiscountedUCB), ("sliding_window_ucb", SlidingWindowUCB)]:
         policy = get_policy(name)
-        assert isinstance(policy, cls) and policy.c == 1.0 and policy.gamma == 0.1
+        assert isinstance(policy, cls) and policy.c == 1.0 and policy.gamma == 0.5
         assert np.all(policy.bind(22).proportions == 1 / 22)
 
 
