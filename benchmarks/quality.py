@@ -201,10 +201,10 @@ VARIANTS = [
     # the best static prior as the starting point of the best bandit: does adapting on top of it help?
     Spec("exp3s-progress-natural", "exp3s", {"reward": "progress", "prior": "natural"}),
     Spec("discounted_ucb-progress", "discounted_ucb", {"reward": "progress"}),
-    # Exploration and step-size choices the defaults were decided on (see the policies' docstrings).
-    Spec("ucb1-gamma0.5", "ucb1", {"gamma": 0.5}),
-    Spec("discounted_ucb-gamma0.5", "discounted_ucb", {"gamma": 0.5}),
-    Spec("doremi-eta0.1", "doremi", {"eta": 0.1}),
+    # The alternatives the exploration and step-size defaults were decided against (see the policies' docstrings).
+    Spec("ucb1-gamma0.1", "ucb1", {"gamma": 0.1}),
+    Spec("discounted_ucb-gamma0.1", "discounted_ucb", {"gamma": 0.1}),
+    Spec("doremi-eta1", "doremi", {"eta": 1.0}),
     # Round-based estimators with their defaults sized for long runs act only late (ADO starts fitting at step
     # 1000; one Aioli round of 250 steps spends 4·K·4 = 192 steps probing at K = 12): also run short settings.
     Spec("aioli-short", "aioli", {"round_steps": 100, "sweeps": 1, "probe_steps": 2}),

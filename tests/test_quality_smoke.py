@@ -77,7 +77,7 @@ def test_quality_run_writes_finite_results_for_every_policy_it_ran(tmp_path: Pat
     summary = saved["summary"]["policies"]
     # a registry name selects the policy and its benchmark variants (aioli -> aioli, aioli-short)
     ran = {"uniform", "natural"} | ({"odm-paper"} if "odm" in names else set())
-    ran |= {p for p in ("doremi", "doremi-eta0.1", "aioli", "aioli-short") if p.split("-")[0] in names}
+    ran |= {p for p in ("doremi", "doremi-eta1", "aioli", "aioli-short") if p.split("-")[0] in names}
     assert set(summary) | set(saved["skipped"]) == ran
     assert {"uniform", "natural"} <= set(summary)
     for label, s in summary.items():
@@ -169,7 +169,7 @@ def test_parallel_jobs_reproduce_the_sequential_runs_including_reference_policie
     assert "2 jobs" in two["machine"]
     key = [(r["policy"], r["seed"]) for r in one["runs"]]
     assert key == [(r["policy"], r["seed"]) for r in two["runs"]]
-    assert {p for p, _ in key} == {"uniform", "natural", "doremi", "doremi-eta0.1"} - set(one["skipped"])
+    assert {p for p, _ in key} == {"uniform", "natural", "doremi", "doremi-eta1"} - set(one["skipped"])
     for a, b in zip(one["runs"], two["runs"], strict=True):
         assert a["curve"] == b["curve"], (a["policy"], a["seed"])
         assert a["proportions"] == b["proportions"], (a["policy"], a["seed"])
