@@ -8,53 +8,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import ChaseLoss
+from conftest import ChaseLoss, Recorder
 
 import odm
 import odm.feedback
-from odm.policies import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy, default_policy_names
-
-
-class Recorder(Policy):
-    """Wraps a policy (default :class:`ChaseLoss`) and keeps every ``DomainStats`` it is fed."""
-
-    def __init__(
-        self,
-        inner: Policy | None = None,
-        *,
-        requires: frozenset[str] | None = None,
-        wants: Callable[[int], bool] | None = None,
-        exact: bool = False,
-    ) -> None:
-        super().__init__()
-        self.inner = ChaseLoss() if inner is None else inner
-        if requires is not None:
-            self.requires = requires  # type: ignore[misc]
-        self._wants = wants
-        self._exact = exact
-        self.seen: list[DomainStats] = []
-
-    def _init_state(self, num_domains: int) -> None:
-        self.inner.bind(num_domains)
-        self._p = self.inner.proportions
-
-    def update(self, stats: DomainStats) -> None:
-        self.seen.append(stats)
-        self.inner.update(stats)
-        self._p = self.inner.proportions
-
-    def wants_eval(self, step: int) -> bool:
-        return self._wants is not None and self._wants(step)
-
-    @property
-    def exact_counts(self) -> bool:
-        return self._exact
-
-    def _get_state(self) -> dict:
-        return {"inner": self.inner.state_dict()}
-
-    def _set_state(self, state: dict) -> None:
-        self.inner.load_state_dict(state["inner"])
+from odm.policies import EVAL_LOSS, TRAIN_LOSS, default_policy_names
 
 
 def _names(k: int) -> list[str]:

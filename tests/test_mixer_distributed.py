@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ChaseLoss
+from conftest import ChaseLoss, Recorder
 
 import odm
 import odm.feedback
-from odm.policies import DomainStats, Policy, get_policy, policy_names
+from odm.policies import Policy, get_policy, policy_names
 
 K = 6
 STEPS = 150
@@ -24,24 +24,6 @@ EVAL_EVERY = 10
 def _learned_policy() -> Policy:
     """EXP3 once the policies land; until then the small learned test policy."""
     return get_policy("exp3") if "exp3" in policy_names() else ChaseLoss()
-
-
-class _Recorder(Policy):
-    """Keeps the statistics each update receives, and delegates the update to a learned policy."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = _learned_policy()
-        self.seen: list[DomainStats] = []
-
-    def _init_state(self, num_domains: int) -> None:
-        self.inner.bind(num_domains)
-        self._p = self.inner.proportions
-
-    def update(self, stats: DomainStats) -> None:
-        self.seen.append(stats)
-        self.inner.update(stats)
-        self._p = self.inner.proportions
 
 
 def _rank_main(rank: int, world: int, store: str, out_dir: str, path: str) -> None:
@@ -57,7 +39,7 @@ def _rank_main(rank: int, world: int, store: str, out_dir: str, path: str) -> No
             return all_reduce(tensor, *args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
-        rec = _Recorder()
+        rec = Recorder(_learned_policy())
         mixer = odm.OnlineMixer([f"d{i}" for i in range(K)], rec, delay=1, seed=rank)
         rng = np.random.default_rng(100 + rank)
         local, local_eval, proportions = [], [], []
