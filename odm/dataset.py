@@ -24,6 +24,8 @@ import torch
 import torch.utils.data
 from torch.utils.data import default_collate
 
+from odm._draw import inverse_cdf as _draw
+from odm._draw import largest_remainder
 from odm.schedule import MODE_EXACT, ProportionSchedule
 from odm.sources import Source, as_source
 
@@ -34,31 +36,6 @@ EXHAUSTED_MODES = ("restart", "stop", "drop")
 #: Batch key carrying the slot's stream state to :class:`odm.MixtureLoader` (removed before the user sees it).
 STATE_KEY = "_odm_state"
 _STATE_VERSION = 1
-
-
-def largest_remainder(p: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts summing to ``total`` that round ``p * total`` by the largest-remainder method.
-
-    Ties in the remainders go to the lower domain index, so the result is deterministic.
-
-    Example:
-        >>> largest_remainder(np.array([0.5, 0.3, 0.2]), 4).tolist()
-        [2, 1, 1]
-    """
-    exact = p * total
-    counts = np.floor(exact).astype(np.int64)
-    short = total - int(counts.sum())
-    if short > 0:
-        order = np.argsort(-(exact - counts), kind="stable")
-        counts[order[:short]] += 1
-    return counts
-
-
-def _draw(u: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Inverse-CDF draw: maps uniforms in [0, 1) to domain ids; zero-proportion domains are never drawn."""
-    cdf = np.cumsum(p)
-    # Scaling u by the total (rather than forcing cdf[-1] = 1) keeps trailing zero-proportion domains out.
-    return np.searchsorted(cdf, u * cdf[-1], side="right")
 
 
 class _Exhausted(Exception):

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from odm._dist import all_reduce_host, comm_device, distributed
+
 __all__ = ["DomainFeedback", "all_reduce_host", "distributed"]
 
 # Rows of the per-domain accumulator (each of length K), then two scalar counters.
@@ -44,26 +46,6 @@ def _host(x: Any, name: str) -> np.ndarray:
 def _check_ids_dtype(integer: bool, dtype: Any) -> None:
     if not integer:
         raise TypeError(f"domain ids must be integers (e.g. torch.long), got dtype {dtype}")
-
-
-def distributed() -> bool:
-    """Whether a ``torch.distributed`` group of more than one rank is running."""
-    ok = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return ok and torch.distributed.get_world_size() > 1
-
-
-def all_reduce_host(acc: np.ndarray) -> np.ndarray:
-    """Sums a host vector over the ranks (one collective) and returns it on the host."""
-    flat = torch.from_numpy(acc).to(_comm_device())
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    return flat.cpu().numpy()
-
-
-def _comm_device() -> torch.device:
-    """Where the collective runs when this rank observed nothing on a device: NCCL needs a CUDA tensor."""
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class DomainFeedback:
@@ -309,7 +291,7 @@ class DomainFeedback:
         if self._dev is not None:
             flat = self._dev + flat.to(self._dev.device)
         elif dist:
-            flat = flat.to(_comm_device())
+            flat = flat.to(comm_device())
         if dist:
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
         return flat.cpu().numpy()

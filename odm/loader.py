@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from odm._dist import rank_world
 from odm.dataset import STATE_KEY, MixtureDataset
 from odm.mixer import OnlineMixer
 from odm.policies import Policy
@@ -31,12 +32,6 @@ _REFUSED = ("sampler", "batch_sampler", "shuffle", "drop_last")
 def _already_collated(batch: Any) -> Any:
     """DataLoader ``collate_fn``: the dataset yields whole, already collated batches."""
     return batch
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class MixtureLoader(torch.utils.data.DataLoader):
@@ -146,7 +141,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         ds = self.dataset
         assert isinstance(ds, MixtureDataset)
-        ds.rank, ds.world_size = _dist_rank_world()
+        ds.rank, ds.world_size = rank_world()
         assert ds.resume is not None
         # Written before the workers are (re)started, so fresh and persistent workers alike read it.
         ds.resume.copy_(self._taken)
@@ -186,7 +181,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 taken[1 + slot] = torch.tensor(rows[max(mine)][1], dtype=torch.int64) if mine else -1
             next_batch = upto + 1
         streams: list[Any] = [taken[1:].tolist()]
-        _, world = _dist_rank_world()
+        _, world = rank_world()
         if world > 1:
             streams = [None] * world
             torch.distributed.all_gather_object(streams, taken[1:].tolist())
@@ -213,7 +208,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 f"the checkpoint was taken with num_workers={state_dict['num_workers']}, this loader has "
                 f"num_workers={nw}; each worker reads its own shard, so resume with the same num_workers"
             )
-        rank, world = _dist_rank_world()
+        rank, world = rank_world()
         if state_dict["world_size"] != world:
             raise ValueError(
                 f"the checkpoint was taken with world size {state_dict['world_size']}, this run has {world}"

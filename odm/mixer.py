@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from odm.dataset import largest_remainder
+from odm._checks import check_domain_names
+from odm._draw import largest_remainder
 from odm.feedback import (
     COUNT,
     DRAWN,
@@ -38,21 +39,6 @@ from odm.schedule import MODE_EXACT, MODE_SAMPLE, ProportionSchedule
 __all__ = ["OnlineMixer"]
 
 _STATE_VERSION = 1
-
-
-def _check_domains(domains: Any) -> list[str]:
-    if isinstance(domains, str) or not isinstance(domains, Sequence | Mapping):
-        raise TypeError(f"`domains` must be a sequence of domain names, got {domains!r}")
-    names = list(domains)
-    if not names:
-        raise ValueError("`domains` is empty: a mixture needs at least one domain")
-    for n in names:
-        if not isinstance(n, str) or not n:
-            raise TypeError(f"domain names must be non-empty strings, got {n!r}")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"`domains` has duplicate names: {dupes}")
-    return names
 
 
 def _domain_diff(saved: list[str], mine: list[str]) -> str:
@@ -125,7 +111,7 @@ class OnlineMixer:
         constraints: Any = None,
         history_every: int | None = 1,
     ) -> None:
-        self.domains = _check_domains(domains)
+        self.domains = check_domain_names(domains)
         self.policy = get_policy(policy).bind(len(self.domains))
         if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
             raise ValueError(f"`delay` must be a non-negative integer, got {delay!r}")
