@@ -50,7 +50,7 @@ def run_one(
 ) -> dict[str, Any] | str:
     """One (policy, seed) run: its result, or the reason it could not be built."""
     try:
-        policy = build_policy(spec, corpus, reference)
+        policy = build_policy(spec, corpus, reference, steps=cfg.steps)
     except RuntimeError as err:
         return str(err)
     r = train_run(policy, corpus, cfg, seed=seed, label=spec.label, progress=progress)

@@ -50,6 +50,10 @@ VARIANTS = [
     # 1000; one Aioli round of 250 steps spends 4·K·4 = 192 steps probing at K = 12): also run short settings.
     Spec("aioli-short", "aioli", {"round_steps": 100, "sweeps": 1, "probe_steps": 2}),
     Spec("ado-short", "ado", {"start_step": 50, "update_interval": 50}),
+    # DynamixSFT anchors its exploration to "the collection's own proportions" (its `prior`): the natural sizes.
+    Spec("dynamix-natural", "dynamix", {"prior": "natural"}),
+    # Velocitune's `horizon` is the run's planned number of updates (a fact about the run, not a tuned value).
+    Spec("velocitune", "velocitune", {"horizon": "steps"}),
 ]
 NEVER = {"fixed", "scheduled", "temperature"}  # need a user-given vector or trajectory: nothing to learn here
 
@@ -102,13 +106,16 @@ class CurveReference:
         return self.curve[min(max(step, 1), len(self.curve)) - 1]
 
 
-def build_policy(spec: Spec, corpus: Corpus, reference: np.ndarray | None) -> odm.Policy:
+def build_policy(
+    spec: Spec, corpus: Corpus, reference: np.ndarray | None, *, steps: int | None = None
+) -> odm.Policy:
     """Builds ``spec`` for this corpus; raises ``RuntimeError`` with a readable reason when it cannot.
 
     ``reference``: uniform's ``(steps, K)`` smoothed training-loss curve of the same seed, for policies that
-    take a ``reference…`` argument (DoReMi).
+    take a ``reference…`` argument (DoReMi). ``steps``: the run's number of training steps, for arguments
+    given as ``"steps"`` (Velocitune's horizon).
     """
-    kwargs = dict(spec.kwargs)
+    kwargs = {k: steps if v == "steps" and steps is not None else v for k, v in spec.kwargs.items()}
     if spec.name in ("natural", "temperature"):
         kwargs["sizes"] = corpus.natural_bytes
     if kwargs.get("prior") == "natural":  # a policy started from (and sharing back to) the natural proportions
