@@ -106,9 +106,7 @@ class CurveReference:
         return self.curve[min(max(step, 1), len(self.curve)) - 1]
 
 
-def build_policy(
-    spec: Spec, corpus: Corpus, reference: np.ndarray | None, *, steps: int | None = None
-) -> odm.Policy:
+def build_policy(spec: Spec, corpus: Corpus, reference: np.ndarray | None, *, steps: int | None = None) -> odm.Policy:
     """Builds ``spec`` for this corpus; raises ``RuntimeError`` with a readable reason when it cannot.
 
     ``reference``: uniform's ``(steps, K)`` smoothed training-loss curve of the same seed, for policies that
