@@ -81,8 +81,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{len(domains)} domains{' (' + '; '.join(what) + ')' if what else ''}, byte-level LM {cfg['model']} "
         f"({result['num_parameters']:,} parameters), {cfg['steps']} steps × batch {cfg['batch_size']}, "
-        f"seeds {result['seeds']}. Scores: **test-split** bits per byte (documents no policy saw or evaluated "
-        f"on), mean over the {len(scored)} scored domains. Δ: paired by seed, mean ± standard error; `*` the 95% "
+        f"seeds {result['seeds']} ({result.get('seed_role', 'reporting')} seeds; defaults are chosen on the "
+        "tuning seeds 100–102, figures reported on others). Scores: **test-split** bits per byte (documents no "
+        f"policy saw or evaluated on), mean over the {len(scored)} scored domains. Δ: paired by seed, "
+        "mean ± standard error; `*` the 95% "
         "t-interval excludes 0, `~` beyond one SE only. *regret*: Δ to the best static baseline of this run "
         f"(**{best}**). *steps→best*: median over seeds of the fraction of the budget needed to reach the best "
         "static baseline's final mean of the same seed (`never`: not within the budget). *compute*: training CPU "
