@@ -520,3 +520,73 @@ def test_sequences_are_sliced_not_streamed(tmp_path):
         4 * 10**9 + 3,
         4 * 10**9 + 7,
     ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_shards", [1, 2, 5, 12])
+def test_a_strided_source_reads_a_stride_of_one_pass_order(tmp_path, kind, num_shards):
+    # The invariant a resume on another topology builds on: shard s of n reads pass[s::n], pass from (seed, epoch).
+    src, _ = make_source(kind, tmp_path)
+    whole = read(src, epoch=2, seed=4)
+    if not src.is_strided(num_shards):
+        assert kind == "webdataset" and num_shards <= 4  # whole tars per shard
+        return
+    for s in range(num_shards):
+        assert read(src, shard=s, num_shards=num_shards, epoch=2, seed=4) == whole[s::num_shards]
+
+
+# -- Hugging Face datasets ------------------------------------------------------------------------------------
+
+
+def hf_datasets() -> Any:
+    return pytest.importorskip("datasets", reason="Hugging Face `datasets` is not installed")
+
+
+def test_a_hugging_face_dataset_is_map_style_reshuffled_per_pass_and_resumes_in_o1():
+    datasets = hf_datasets()
+    from odm.hf_sources import HFDatasetSource
+
+    ds = datasets.Dataset.from_dict({"x": list(range(40))})
+    src = as_source(ds)
+    assert isinstance(src, HFDatasetSource) and src.shuffles and src.size_hint() == 40
+    rows = [r["x"] for r in src.open(shard=0, num_shards=1, epoch=0, start=0, seed=1)]
+    again = [r["x"] for r in src.open(shard=0, num_shards=1, epoch=1, start=0, seed=1)]
+    assert sorted(rows) == sorted(again) == list(range(40)) and rows != again
+    assert rows == src.pass_order(epoch=0, seed=1).tolist()
+    # O(1) resume: opening at `start` reads only the rows it yields.
+    reads: list[int] = []
+
+    class Counting:
+        def __len__(self) -> int:
+            return len(ds)
+
+        def __getitem__(self, i: int) -> Any:
+            reads.append(i)
+            return ds[i]
+
+    resumed = HFDatasetSource(Counting()).open(shard=0, num_shards=1, epoch=0, start=37, seed=1)
+    assert [r["x"] for r in resumed] == rows[37:] and len(reads) == 3
+
+
+def test_a_hugging_face_iterable_dataset_is_sharded_by_its_own_shards():
+    datasets = hf_datasets()
+    from odm.hf_sources import HFIterableSource
+
+    ds = datasets.Dataset.from_dict({"x": list(range(12))}).to_iterable_dataset(num_shards=4)
+    src = as_source(ds)
+    assert isinstance(src, HFIterableSource) and not src.is_strided(2) and src.is_strided(5)
+    parts = [[r["x"] for r in src.open(shard=s, num_shards=2, epoch=0, start=0, seed=0)] for s in range(2)]
+    assert parts == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]  # whole HF shards (files), contiguous
+    assert [r["x"] for r in src.open(shard=1, num_shards=2, epoch=0, start=4, seed=0)] == [10, 11]
+    # Fewer HF shards than odm shards: every n-th row of the stream.
+    assert [r["x"] for r in src.open(shard=1, num_shards=5, epoch=0, start=1, seed=0)] == [6, 11]
+
+
+def test_a_shuffled_hugging_face_iterable_reshuffles_per_pass_identically_in_every_process():
+    datasets = hf_datasets()
+    base = datasets.Dataset.from_dict({"x": list(range(30))}).to_iterable_dataset(num_shards=3)
+    src = as_source(base.shuffle(seed=3, buffer_size=8))
+    passes = [[r["x"] for r in src.open(shard=0, num_shards=1, epoch=e, start=0, seed=0)] for e in range(2)]
+    assert passes[0] != passes[1] and sorted(passes[0]) == sorted(passes[1]) == list(range(30))
+    other = as_source(base.shuffle(seed=3, buffer_size=8))  # another object: another process
+    assert [r["x"] for r in other.open(shard=0, num_shards=1, epoch=1, start=0, seed=0)] == passes[1]
