@@ -302,9 +302,9 @@ class PackingIterator:
             batch[STATE_KEY] = {"slot": self.slot, "row": self.state_row(b + 1)}
         return batch
 
-    def _choose(self, p: np.ndarray) -> int:
-        """The domain of the next document: the largest deficit among domains with mass (lowest index on ties)."""
-        return int(np.argmax(np.where(p > 0, self.deficit, -np.inf)))
+    def _choose(self, live: np.ndarray) -> int:
+        """The domain of the next document: the largest deficit among ``live`` domains (lowest index on ties)."""
+        return int(np.where(live, self.deficit, -np.inf).argmax())
 
     def _pack(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Fills ``B * T`` tokens; returns the tokens, their domains and the flat offsets where pieces start."""
@@ -313,10 +313,11 @@ class PackingIterator:
         domains = np.empty(n, dtype=np.int64)
         starts: list[int] = []
         self.deficit += p * n
+        live = p > 0
         pos = 0
         while pos < n:
             if self._carry is None:
-                d = self._choose(p)
+                d = self._choose(live)
                 doc, off = self.streams[d].next_doc(), 0
             else:
                 d, doc, off = self._carry
@@ -334,7 +335,10 @@ class PackingIterator:
         b, t = self.ds.batch_size, self.ds.pack_length
         n = b * t
         # Segments: every piece start plus every row start (a piece crossing a row boundary is two segments).
-        bounds = np.union1d(np.asarray(starts, dtype=np.int64), np.arange(0, n, t, dtype=np.int64))
+        is_start = np.zeros(n, dtype=bool)
+        is_start[starts] = True
+        is_start[::t] = True
+        bounds = np.flatnonzero(is_start)
         lengths = np.diff(np.append(bounds, n))
         position_ids = np.arange(n, dtype=np.int64) - np.repeat(bounds, lengths)
         cu_seqlens = np.append(bounds, n).astype(np.int32)
