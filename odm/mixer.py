@@ -200,7 +200,10 @@ class OnlineMixer:
     def _effective_from(self) -> int:
         # The batch clock: one past the newest mix_step stepped on (any rank); a mixer never given a mix_step
         # counts its steps instead. A step() without feedback moves neither, so the publish point never drifts.
-        return (self._next_batch if self._next_batch else self._num_steps) + self.delay
+        # (Observed batches count before their step(): an override set between observe() and step() applies
+        # after them, as the uninterrupted run's would.)
+        clock = max(self._next_batch, self._local_next)
+        return (clock if clock else self._num_steps) + self.delay
 
     def _publish(self, p: np.ndarray, *, from_policy: bool = False) -> int:
         """Publishes ``p`` (already constrained) unless it repeats the newest row; returns the batch it applies
