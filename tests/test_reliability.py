@@ -373,3 +373,22 @@ def test_the_history_stays_bounded_with_the_newest_rows_exact_and_the_first_kept
     assert steps == sorted(steps)
     gaps = np.diff(steps[:-8])
     assert gaps[0] >= gaps[-1], "older rows are spaced further apart"
+
+
+class _Unnormalised(Policy):
+    """Holds proportions whose float sum is not exactly 1 (as many policies' outputs are)."""
+
+    def _init_state(self, num_domains: int) -> None:
+        self._p = np.array([0.1, 0.2, 0.7])
+
+    def update(self, stats: DomainStats) -> None:
+        self._p = np.array([0.1, 0.2, 0.7])
+
+
+def test_unchanged_proportions_are_not_published_again_even_when_their_sum_is_off_by_a_bit():
+    assert sum([0.1, 0.2, 0.7]) != 1.0
+    mixer = odm.OnlineMixer(_names(3), _Unnormalised())
+    for t in range(20):
+        mixer.observe([0, 1, 2], [1.0, 1.0, 1.0], mix_step=t)
+        mixer.step()
+    assert (mixer.schedule.num_rows, len(mixer.history)) == (1, 1)
