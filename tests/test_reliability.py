@@ -376,17 +376,17 @@ def test_the_history_stays_bounded_with_the_newest_rows_exact_and_the_first_kept
 
 
 class _Unnormalised(Policy):
-    """Holds proportions whose float sum is not exactly 1 (as many policies' outputs are)."""
+    """Holds proportions that do not sum to 1 (the mixer normalises what it publishes)."""
 
     def _init_state(self, num_domains: int) -> None:
-        self._p = np.array([0.1, 0.2, 0.7])
+        self._p = np.array([0.2, 0.3, 0.6])
 
     def update(self, stats: DomainStats) -> None:
-        self._p = np.array([0.1, 0.2, 0.7])
+        self._p = np.array([0.2, 0.3, 0.6])
 
 
 def test_unchanged_proportions_are_not_published_again_even_when_their_sum_is_off_by_a_bit():
-    assert sum([0.1, 0.2, 0.7]) != 1.0
+    assert sum([0.2, 0.3, 0.6]) != 1.0
     mixer = odm.OnlineMixer(_names(3), _Unnormalised())
     for t in range(20):
         mixer.observe([0, 1, 2], [1.0, 1.0, 1.0], mix_step=t)
