@@ -389,6 +389,10 @@ def test_unchanged_proportions_are_not_published_again_even_when_their_sum_is_of
     assert sum([0.2, 0.3, 0.6]) != 1.0
     mixer = odm.OnlineMixer(_names(3), _Unnormalised())
     for t in range(20):
+        if t == 5:
+            mixer.set_proportions([1.0, 1.0, 1.0])
+        if t == 10:
+            mixer.release()  # the policy's vector again: published once, not once per later step
         mixer.observe([0, 1, 2], [1.0, 1.0, 1.0], mix_step=t)
         mixer.step()
-    assert (mixer.schedule.num_rows, len(mixer.history)) == (1, 1)
+    assert (mixer.schedule.num_rows, len(mixer.history)) == (3, 3)
