@@ -260,6 +260,11 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     def num_domains(self) -> int:
         return len(self.domains)
 
+    @property
+    def state_width(self) -> int:
+        """Length of a slot's stream-state row (:class:`StreamRow`), as for ``odm.packing``'s dataset."""
+        return StreamRow.width(self.num_domains)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
