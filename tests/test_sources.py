@@ -560,6 +560,9 @@ def test_a_hugging_face_dataset_is_map_style_reshuffled_per_pass_and_resumes_in_
         def __len__(self) -> int:
             return len(ds)
 
+        def __getitem__(self, i: int) -> Any:
+            raise AssertionError("rows are fetched in chunks")
+
         def __getitems__(self, keys: list[int]) -> list[Any]:
             reads.extend(keys)
             return ds.__getitems__(keys)
