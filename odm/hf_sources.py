@@ -133,10 +133,20 @@ class HFIterableSource(Source):
 
 
 def hf_source(data: Any) -> Source:
-    """The source for a ``datasets.Dataset`` or ``datasets.IterableDataset``."""
+    """The source for a ``datasets.Dataset`` or ``datasets.IterableDataset``.
+
+    Raises:
+        TypeError: an ``IterableDataset`` already split over ranks by ``split_dataset_by_node`` (odm would
+            split it again).
+    """
     import datasets
 
     if isinstance(data, datasets.IterableDataset):
+        if getattr(data, "_distributed", None) is not None:
+            raise TypeError(
+                "this IterableDataset is already split over ranks (`split_dataset_by_node`), and odm shards "
+                "over ranks x workers itself: each rank would read a part of a part; pass the unsplit dataset"
+            )
         return HFIterableSource(data)
     if isinstance(data, datasets.Dataset):
         return HFDatasetSource(data)
