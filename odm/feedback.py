@@ -24,7 +24,7 @@ __all__ = ["DomainFeedback", "FeedbackRows", "all_reduce_host", "distributed", "
 # Device types whose losses are accumulated in numpy on the host (a CPU tensor's .numpy() is a free view).
 _HOST_DEVICE_TYPES = frozenset({"cpu"})
 _NUM_DOMAIN_ROWS = 7  # the (K,) fields of FeedbackRows
-_NUM_SCALARS = 3  # the scalar fields of FeedbackRows
+_NUM_SCALARS = 4  # the scalar fields of FeedbackRows
 
 
 @dataclasses.dataclass
@@ -45,6 +45,7 @@ class FeedbackRows:
         bad_ids: domain ids out of range, seen on an accelerator (checkable only on the host).
         bad_weights: negative or non-finite weights seen on an accelerator.
         calls: ``observe`` / ``observe_eval`` calls (tells a step with feedback from one without).
+        batches: ``observe`` calls: the micro-batches behind the training statistics.
     """
 
     loss: np.ndarray
@@ -57,6 +58,7 @@ class FeedbackRows:
     bad_ids: float = 0.0
     bad_weights: float = 0.0
     calls: float = 0.0
+    batches: float = 0.0
 
     @staticmethod
     def size(num_domains: int) -> int:
@@ -72,8 +74,9 @@ class FeedbackRows:
         """Views into ``flat`` (writing a field writes ``flat``); the scalars are copied out."""
         k = num_domains
         r = flat[: _NUM_DOMAIN_ROWS * k].reshape(_NUM_DOMAIN_ROWS, k)
-        bad_ids, bad_weights, calls = (float(x) for x in flat[_NUM_DOMAIN_ROWS * k : cls.size(k)])
-        return cls(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bad_ids=bad_ids, bad_weights=bad_weights, calls=calls)
+        bad_ids, bad_weights, calls, batches = (float(x) for x in flat[_NUM_DOMAIN_ROWS * k : cls.size(k)])
+        loss, count, samples, nonfinite, eval_sum, eval_count, drawn = r
+        return cls(loss, count, samples, nonfinite, eval_sum, eval_count, drawn, bad_ids, bad_weights, calls, batches)
 
     @staticmethod
     def domain_rows(flat: np.ndarray, num_domains: int) -> np.ndarray:
@@ -81,20 +84,20 @@ class FeedbackRows:
         return flat[: _NUM_DOMAIN_ROWS * num_domains].reshape(_NUM_DOMAIN_ROWS, num_domains)
 
     @staticmethod
-    def scalars(flat: np.ndarray) -> tuple[float, float, float]:
-        """``(bad_ids, bad_weights, calls)`` of a packed vector."""
-        bad_ids, bad_weights, calls = flat[-_NUM_SCALARS:].tolist()
-        return bad_ids, bad_weights, calls
+    def scalars(flat: np.ndarray) -> tuple[float, float, float, float]:
+        """``(bad_ids, bad_weights, calls, batches)`` of a packed vector (exactly :meth:`size` long)."""
+        bad_ids, bad_weights, calls, batches = flat[-_NUM_SCALARS:].tolist()
+        return bad_ids, bad_weights, calls, batches
 
     def pack(self) -> np.ndarray:
         """The flat vector :meth:`unpack` reads (a new array)."""
         rows = [self.loss, self.count, self.samples, self.nonfinite, self.eval_sum, self.eval_count, self.drawn]
-        return np.concatenate([*rows, [self.bad_ids, self.bad_weights, self.calls]])
+        return np.concatenate([*rows, [self.bad_ids, self.bad_weights, self.calls, self.batches]])
 
 
 # Offsets into the packed vector, for the accumulators that write it in place (host numpy, device torch).
 LOSS, COUNT, SAMPLES, NONFINITE, EVAL_SUM, EVAL_COUNT, DRAWN = range(_NUM_DOMAIN_ROWS)
-BAD_IDS, BAD_WEIGHTS, CALLS = range(_NUM_SCALARS)  # after the K-rows
+BAD_IDS, BAD_WEIGHTS, CALLS, BATCHES = range(_NUM_SCALARS)  # after the K-rows
 
 
 def _host(x: Any, name: str) -> np.ndarray:
@@ -172,6 +175,7 @@ class DomainFeedback:
         self.num_domains = num_domains
         self.size = FeedbackRows.size(num_domains)
         self._calls_at = self.size - _NUM_SCALARS + CALLS
+        self._batches_at = self.size - _NUM_SCALARS + BATCHES
         self.reset()
 
     def reset(self) -> None:
@@ -213,6 +217,7 @@ class DomainFeedback:
         else:
             num = self._observe_host(domain, loss, weight, pad_id)
         self._acc[self._calls_at] += 1
+        self._acc[self._batches_at] += 1
         self.pending = True
         return num
 

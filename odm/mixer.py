@@ -455,7 +455,7 @@ class OnlineMixer:
         step_rows, next_batch, gathered = self._collective.reduce(
             self._feedback, self._drawn_under, self._local_next, cut
         )
-        bad_ids, bad_weights, calls = step_rows[-3:].tolist()
+        bad_ids, bad_weights, calls, _ = FeedbackRows.scalars(step_rows)
         if bad_ids or bad_weights:
             self._feedback.reset()
             raise ValueError(
@@ -527,6 +527,7 @@ class OnlineMixer:
             step=self._num_updates + 1,
             num_samples=self._num_samples + round(float(rows[SAMPLES].sum())),
             eval_loss=eval_loss,
+            num_batches=max(1, round(FeedbackRows.scalars(pending)[3])),
         )
         self.policy.update(stats)
         return stats
