@@ -10,6 +10,7 @@ moves one flat vector — a :class:`FeedbackRows` record, plus whatever the call
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,8 +89,10 @@ BAD_IDS, BAD_WEIGHTS, CALLS = range(_NUM_SCALARS)  # after the K-rows
 def _host(x: Any, name: str) -> np.ndarray:
     """``x`` (tensor on any device, numpy, list, number) as a numpy array, without copying CPU data."""
     if isinstance(x, torch.Tensor):
-        x = x.detach()
+        if x.requires_grad:
+            x = x.detach()
         if x.device.type != "cpu":
+            _refuse_meta(**{name: x})
             x = x.cpu()
         if x.dtype == torch.bfloat16:
             x = x.float()
@@ -123,21 +126,27 @@ class DomainFeedback:
 
     def __init__(self, num_domains: int) -> None:
         self.num_domains = num_domains
-        self._size = FeedbackRows.size(num_domains)
+        self.size = FeedbackRows.size(num_domains)
+        self._calls_at = self.size - _NUM_SCALARS + CALLS
         self.reset()
 
     def reset(self) -> None:
         """Starts a new step: zero host rows, no device buffer, no batches."""
         k = self.num_domains
-        self._acc = np.zeros(self._size)  # a packed FeedbackRows, written in place
-        self._rows = self._acc[: _NUM_DOMAIN_ROWS * k].reshape(_NUM_DOMAIN_ROWS, k)
+        if not hasattr(self, "_acc"):
+            self._acc = np.zeros(self.size)  # a packed FeedbackRows, written in place
+            self._rows = self._acc[: _NUM_DOMAIN_ROWS * k].reshape(_NUM_DOMAIN_ROWS, k)
+            self.batches: dict[int, int] = {}  # mix_step -> samples observed from that batch
+        else:
+            self._acc.fill(0.0)  # (reduce() handed out a copy)
+            if self.batches:
+                self.batches = {}
         self._dev: torch.Tensor | None = None  # the same layout on the loss's device, made on first use
-        self.batches: dict[int, int] = {}  # mix_step -> samples observed from that batch
         self.pending = False
 
     def _device_acc(self, device: torch.device) -> torch.Tensor:
         if self._dev is None:
-            self._dev = torch.zeros(self._size, dtype=torch.float64, device=device)
+            self._dev = torch.zeros(self.size, dtype=torch.float64, device=device)
         elif self._dev.device != device:
             raise ValueError(
                 f"observe() got losses on {device} after losses on {self._dev.device} in the same step; "
@@ -154,12 +163,12 @@ class DomainFeedback:
         ``pad_id``: ids equal to it (padding tokens of packed sequences) are left out entirely.
         See :meth:`odm.OnlineMixer.observe` for the accepted forms and the errors.
         """
-        _refuse_meta(loss=loss, domain=domain, weight=weight)
         if isinstance(loss, torch.Tensor) and loss.device.type not in _HOST_DEVICE_TYPES:
+            _refuse_meta(loss=loss, domain=domain, weight=weight)
             num = self._observe_device(domain, loss, weight, pad_id)
         else:
             num = self._observe_host(domain, loss, weight, pad_id)
-        self._acc[self._scalar_index(CALLS)] += 1
+        self._acc[self._calls_at] += 1
         self.pending = True
         return num
 
@@ -207,7 +216,9 @@ class DomainFeedback:
         return w
 
     def _observe_host(self, domain: Any, loss: Any, weight: Any, pad_id: int | None) -> int:
-        values = _host(loss, "loss").astype(np.float64, copy=False)
+        values = _host(loss, "loss")
+        if values.dtype.kind != "f":
+            values = values.astype(np.float64)
         scalar = values.ndim == 0
         values = values.reshape(-1)
         ids = self._host_ids(domain, values.size, scalar)
@@ -227,6 +238,15 @@ class DomainFeedback:
         if samples.size > k:
             raise self._range_error(ids)
         rows = self._rows
+        if w is None:
+            # bincount sums in float64 whatever the loss dtype; a NaN or inf among the losses carries into the
+            # total, so one check on K sums replaces one per loss (an overflowing total takes the slow path).
+            sums = np.bincount(ids, values, minlength=k)
+            if math.isfinite(sums.sum()):
+                rows[LOSS] += sums
+                rows[COUNT : SAMPLES + 1] += samples
+                return n
+        values = values.astype(np.float64, copy=False)
         finite = np.isfinite(values)
         if not finite.all():
             skipped = np.bincount(ids[~finite], minlength=k)
@@ -344,17 +364,22 @@ class DomainFeedback:
                 raise ValueError(f"`count` must be finite and non-negative, got {count!r}")
             self._rows[EVAL_SUM] += s
             self._rows[EVAL_COUNT] += c
-        self._acc[self._scalar_index(CALLS)] += 1
+        self._acc[self._calls_at] += 1
         self.pending = True
 
     def reduce(
-        self, lookup: Callable[[int], np.ndarray], tail: np.ndarray | None = None, group: Any = None
+        self,
+        lookup: Callable[[int], np.ndarray],
+        tail: np.ndarray | None = None,
+        group: Any = None,
+        dist: bool | None = None,
     ) -> np.ndarray:
         """This step's packed :class:`FeedbackRows` then ``tail``, summed over ``group`` in one collective.
 
         ``lookup(b)`` gives the proportions batch ``b`` was drawn under. ``tail`` (each rank's own segment of a
         zero block, in the mixer's use) rides along in the same ``all_reduce``. The accumulators are left as
-        they are (:meth:`reset` clears them once the caller has committed the step).
+        they are (:meth:`reset` clears them once the caller has committed the step). ``dist``: whether ``group``
+        is a running group of several ranks, when the caller knows.
         """
         acc = self._acc.copy() if tail is None else np.concatenate([self._acc, tail])
         if self.batches:
@@ -363,13 +388,14 @@ class DomainFeedback:
             drawn = acc[DRAWN * self.num_domains : (DRAWN + 1) * self.num_domains]
             for b, n in self.batches.items():
                 drawn += n * lookup(b)
-        dist = distributed(group)
+        if dist is None:
+            dist = distributed(group)
         if self._dev is None and not dist:
             return acc
         flat = torch.from_numpy(acc)
         if self._dev is not None:
             flat = flat.to(self._dev.device)
-            flat[: self._size] += self._dev
+            flat[: self.size] += self._dev
         elif dist:
             flat = flat.to(comm_device(group))
         if dist:

@@ -145,8 +145,9 @@ class OnlineMixer:
         self._evals_missed = 0  # updates the policy asked an evaluation for and got none (since the last one)
         self._updates_without_eval = 0
         self._warned: set[tuple[str, int]] = set()
-        self._published = p0  # the newest published vector as given to the schedule
+        self._published = p0.tobytes()  # the newest published vector as given to the schedule
         self._published_mode = self.schedule.latest().mode
+        self._latest = self.schedule.latest().proportions  # the newest row's proportions, as stored
         self.history = History(k)
         self.history.append(0, self.schedule.latest().proportions)
         self._feedback = DomainFeedback(k)
@@ -205,18 +206,26 @@ class OnlineMixer:
         clock = max(self._next_batch, self._local_next)
         return (clock if clock else self._num_steps) + self.delay
 
-    def _publish(self, p: np.ndarray, *, from_policy: bool = False) -> int:
+    def _mode(self) -> int:
+        return MODE_EXACT if (self._override is None and self.policy.exact_counts) else MODE_SAMPLE
+
+    def _repeats(self, p: np.ndarray) -> bool:
+        """Whether publishing ``p`` would repeat the newest row (compared as given: the schedule renormalises,
+        which may move the last bit)."""
+        return p.tobytes() == self._published and self._mode() == self._published_mode
+
+    def _publish(self, p: np.ndarray, *, from_policy: bool = False, q: np.ndarray | None = None) -> int:
         """Publishes ``p`` (already constrained) unless it repeats the newest row; returns the batch it applies
-        from. ``p`` is checked before anything changes."""
-        q = check_simplex(p, self.num_domains, name="published proportions")
-        mode = MODE_EXACT if (self._override is None and self.policy.exact_counts) else MODE_SAMPLE
-        last = self.schedule.latest_effective_from()
-        # Compared with the newest vector as given (the schedule renormalises, which may move the last bit).
-        if mode == self._published_mode and np.array_equal(p, self._published):
-            return last
-        effective_from = max(self._effective_from(), last)
+        from. ``q``: ``p`` already checked and normalised; else it is checked here, before anything changes."""
+        mode = self._mode()
+        key = p.tobytes()
+        if key == self._published and mode == self._published_mode:
+            return self.schedule.latest_effective_from()
+        if q is None:
+            q = check_simplex(p, self.num_domains, name="published proportions")
+        effective_from = max(self._effective_from(), self.schedule.latest_effective_from())
         self.schedule.append(q, effective_from, mode)
-        self._published, self._published_mode = p, mode
+        self._published, self._published_mode, self._latest = key, mode, q
         every = self.history_every
         if not from_policy or (every is not None and self._num_updates % every == 0):
             self.history.append(self._num_steps, q)
@@ -231,10 +240,12 @@ class OnlineMixer:
         Raises:
             ValueError: negative, NaN, all-zero proportions or the wrong length.
         """
-        p = self._constrain(check_simplex(proportions, self.num_domains))
+        p = check_simplex(proportions, self.num_domains)
+        if self.constraints is not None:
+            p = check_simplex(self._constrain(p), self.num_domains, name="constrained proportions")
         previous, self._override = self._override, p
         try:
-            return self._publish(p)
+            return self._publish(p, q=p)
         except ValueError:
             self._override = previous
             raise
@@ -313,7 +324,7 @@ class OnlineMixer:
             TypeError: domain ids that are not integers.
         """
         pad_id = None
-        if isinstance(domain, Mapping):
+        if not isinstance(domain, torch.Tensor) and isinstance(domain, Mapping):
             batch = domain
             if mix_step is None and "mix_step" in batch:
                 mix_step = batch["mix_step"]
@@ -438,22 +449,49 @@ class OnlineMixer:
             # collective would leave the other ranks waiting, so weigh it with the oldest row kept instead.
             return self.schedule.rows()[0].proportions
 
-    def _local_tail(self, cut: int) -> tuple[np.ndarray, list[BaseException | None]]:
-        """This rank's segment: [next batch, failed flag, payloads…], and the exceptions the payloads raised."""
-        parts: list[Any] = [[float(self._local_next), 0.0]]
-        errors: list[BaseException | None] = []
+    def _local_tail(self, cut: int) -> tuple[np.ndarray, BaseException | None]:
+        """This rank's segment [next batch, failed flag, payloads…], and the exception a payload raised."""
+        parts: list[Any] = [np.array([float(self._local_next), 0.0])]
+        error: BaseException | None = None
         for key, (fn, length) in self._payloads.items():
             try:
                 arr = np.asarray(fn(cut), dtype=np.float64).reshape(-1)
                 if arr.shape != (length,):
                     raise ValueError(f"payload {key!r} returned {arr.size} numbers, registered with {length}")
-                errors.append(None)
             except Exception as err:  # re-raised after the collective, so no rank is left waiting
                 arr = np.zeros(length)
                 parts[0][1] = 1.0
-                errors.append(err)
+                error = error or err
             parts.append(arr)
-        return np.concatenate(parts), errors
+        return np.concatenate(parts), error
+
+    def _reduce(self, cut: int) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+        """The step's one collective: this step's packed statistics (summed over the ranks), the batch clock
+        (one past the newest ``mix_step`` on any rank) and every rank's payloads."""
+        group = self.process_group
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized() and distributed(group)
+        if not dist and not self._payloads:  # the common single-process case: nothing rides along
+            flat = self._feedback.reduce(self._drawn_under, None, group, dist)
+            return flat, self._local_next, {}
+        tail, error = self._local_tail(cut)
+        rank, world = rank_world(group) if dist else (0, 1)
+        if world > 1:
+            block = np.zeros((world, tail.size))
+            block[rank] = tail
+            tail = block.reshape(-1)
+        flat = self._feedback.reduce(self._drawn_under, tail, group, dist)
+        size = self._feedback.size
+        segments = flat[size:].reshape(world, -1)
+        failed = np.flatnonzero(segments[:, 1])
+        if failed.size:
+            if error is not None:
+                raise error
+            raise ValueError(f"odm: rank(s) {failed.tolist()} failed to provide the loader's payload at this step")
+        gathered, offset = {}, 2
+        for key, (_, length) in self._payloads.items():
+            gathered[key] = segments[:, offset : offset + length].copy()
+            offset += length
+        return flat[:size], int(segments[:, 0].max()), gathered
 
     def step(self) -> None:
         """Ends a training step: reduces its statistics (one collective under DDP); every ``update_every``-th
@@ -468,38 +506,17 @@ class OnlineMixer:
         """
         if not self._agreed:
             self.check_agreement()
-        k = self.num_domains
-        size = FeedbackRows.size(k)
         cut = self._local_next - 1
-        tail, errors = self._local_tail(cut)
-        group = self.process_group
-        rank, world = rank_world(group) if distributed(group) else (0, 1)
-        if world > 1:
-            block = np.zeros((world, tail.size))
-            block[rank] = tail
-            tail = block.reshape(-1)
-        flat = self._feedback.reduce(self._drawn_under, tail, group)
-        segments = flat[size:].reshape(world, -1)
-        failed = np.flatnonzero(segments[:, 1])
-        if failed.size:
-            mine = next((e for e in errors if e is not None), None)
-            if mine is not None:
-                raise mine
-            raise ValueError(f"odm: rank(s) {failed.tolist()} failed to provide the loader's payload at this step")
-        step_rows = flat[:size]
-        got = FeedbackRows.unpack(step_rows, k)
-        if got.bad_ids or got.bad_weights:
+        step_rows, next_batch, gathered = self._reduce(cut)
+        bad_ids, bad_weights, calls = step_rows[-3:].tolist()
+        if bad_ids or bad_weights:
             self._feedback.reset()
             raise ValueError(
-                f"observe() got {int(got.bad_ids)} domain id(s) outside [0, {k - 1}] and {int(got.bad_weights)} "
-                "negative or non-finite weight(s) since the last step (checked at step() because they were on an "
-                "accelerator); this step's feedback was dropped"
+                f"observe() got {int(bad_ids)} domain id(s) outside [0, {self.num_domains - 1}] and "
+                f"{int(bad_weights)} negative or non-finite weight(s) since the last step (checked at step() "
+                "because they were on an accelerator); this step's feedback was dropped"
             )
-        gathered, offset = {}, 2
-        for key, (_, length) in self._payloads.items():
-            gathered[key] = segments[:, offset : offset + length].copy()
-            offset += length
-        if not got.calls:
+        if not calls:
             self._gathered.update(gathered)
             self._warn(
                 "idle",
@@ -511,45 +528,57 @@ class OnlineMixer:
         pending = step_rows if self._pending is None else self._pending + step_rows
         update_now = num_steps % self.update_every == 0
         stats = self._update(pending) if update_now else None  # the policy moves; nothing else yet
-        p = None
+        p = q = None
         if stats is not None and self._override is None:
             p = self._constrain(self.policy.proportions)
-            check_simplex(p, k, name=f"{type(self.policy).__name__}'s proportions")
+            if self._repeats(p):
+                p = None  # nothing to publish
+            else:
+                q = check_simplex(p, self.num_domains, name=f"{type(self.policy).__name__}'s proportions")
         # Commit: nothing below raises.
         self._feedback.reset()
-        self._gathered.update(gathered)
-        self._next_batch = max(self._next_batch, int(segments[:, 0].max()))
-        self._cut_batch = cut if cut >= 0 else self._cut_batch
+        if gathered:
+            self._gathered.update(gathered)
+        if next_batch > self._next_batch:
+            self._next_batch = next_batch
+        if cut >= 0:
+            self._cut_batch = cut
         self._num_steps = num_steps
         self._pending = None if update_now else pending
         if stats is not None:
             self._num_updates, self._num_samples = stats.step, stats.num_samples
             if p is not None:
-                self._publish(p, from_policy=True)
+                self._publish(p, from_policy=True, q=q)
 
     def _update(self, pending: np.ndarray) -> DomainStats | None:
         """Feeds the policy the statistics since the last update; returns them (``None``: no update)."""
-        rows = FeedbackRows.unpack(pending, self.num_domains)
-        if rows.nonfinite.any():
-            self._warn_once("loss", rows.nonfinite > 0, rows.nonfinite, "loss value(s)")
+        k = self.num_domains
+        rows = pending[: 7 * k].reshape(7, k)  # the FeedbackRows layout; only the rows needed are taken
         eval_loss = None
-        if rows.eval_count.any():
-            with np.errstate(invalid="ignore", divide="ignore"):
-                eval_loss = np.where(rows.eval_count > 0, rows.eval_sum / rows.eval_count, np.nan)
-            bad = (rows.eval_count > 0) & ~np.isfinite(eval_loss)
-            if bad.any():
-                self._warn_once("eval", bad, rows.eval_count, "held-out loss sum(s) over this many samples")
-                eval_loss[bad] = np.nan
+        if pending[3 * k : 6 * k].any():  # non-finite losses or held-out losses (one check for the usual none)
+            nonfinite, eval_sum, eval_count = rows[3], rows[4], rows[5]
+            if nonfinite.any():
+                self._warn_once("loss", nonfinite > 0, nonfinite, "loss value(s)")
+            if eval_count.any():
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    eval_loss = np.where(eval_count > 0, eval_sum / eval_count, np.nan)
+                bad = (eval_count > 0) & ~np.isfinite(eval_loss)
+                if bad.any():
+                    self._warn_once("eval", bad, eval_count, "held-out loss sum(s) over this many samples")
+                    eval_loss[bad] = np.nan
         self._track_evals(eval_loss is not None)
-        if rows.count.sum() <= 0 and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
+        count = rows[1]
+        if not count.any() and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
             return None  # nothing usable observed: the policy stays as it was
-        total = rows.drawn.sum()
+        drawn = rows[6]
+        total = drawn.sum()
+        # NOTE: views of `pending`, a fresh array no one else keeps once this update is committed.
         stats = DomainStats(
-            loss_sum=rows.loss.copy(),
-            count=rows.count.copy(),
-            proportions=rows.drawn / total if total > 0 else self.proportions,
+            loss_sum=rows[0],
+            count=count,
+            proportions=drawn / total if total > 0 else self._latest.copy(),
             step=self._num_updates + 1,
-            num_samples=self._num_samples + round(rows.samples.sum()),
+            num_samples=self._num_samples + round(float(rows[2].sum())),
             eval_loss=eval_loss,
         )
         self.policy.update(stats)
@@ -675,7 +704,8 @@ class OnlineMixer:
         self._pending = pending
         self._evals_missed, self._updates_without_eval = (int(x) for x in missed)
         latest = self.schedule.latest()
-        self._published, self._published_mode = latest.proportions, latest.mode
+        self._published, self._published_mode = latest.proportions.tobytes(), latest.mode
+        self._latest = latest.proportions
         self._feedback.reset()
         self._gathered.clear()
 

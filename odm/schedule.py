@@ -123,7 +123,8 @@ class ProportionSchedule:
                 row's, or an unknown mode.
         """
         p = check_simplex(proportions, self.num_domains)
-        effective_from = check_int(effective_from, "effective_from", low=0)
+        if type(effective_from) is not int or effective_from < 0:  # (the check below is the slow, full one)
+            effective_from = check_int(effective_from, "effective_from", low=0)
         if mode not in (MODE_SAMPLE, MODE_EXACT):
             raise ValueError(f"`mode` must be MODE_SAMPLE (0) or MODE_EXACT (1), got {mode!r}")
         last = self.latest_effective_from()

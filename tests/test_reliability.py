@@ -373,3 +373,26 @@ def test_the_history_stays_bounded_with_the_newest_rows_exact_and_the_first_kept
     assert steps == sorted(steps)
     gaps = np.diff(steps[:-8])
     assert gaps[0] >= gaps[-1], "older rows are spaced further apart"
+
+
+class _Unnormalised(Policy):
+    """Holds proportions that do not sum to 1 (the mixer normalises what it publishes)."""
+
+    def _init_state(self, num_domains: int) -> None:
+        self._p = np.array([0.2, 0.3, 0.6])
+
+    def update(self, stats: DomainStats) -> None:
+        self._p = np.array([0.2, 0.3, 0.6])
+
+
+def test_unchanged_proportions_are_not_published_again_even_when_their_sum_is_off_by_a_bit():
+    assert sum([0.2, 0.3, 0.6]) != 1.0
+    mixer = odm.OnlineMixer(_names(3), _Unnormalised())
+    for t in range(20):
+        if t == 5:
+            mixer.set_proportions([1.0, 1.0, 1.0])
+        if t == 10:
+            mixer.release()  # the policy's vector again: published once, not once per later step
+        mixer.observe([0, 1, 2], [1.0, 1.0, 1.0], mix_step=t)
+        mixer.step()
+    assert (mixer.schedule.num_rows, len(mixer.history)) == (3, 3)

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_choice, check_float, check_int, check_seed
 from odm.policies.base import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy, check_proportions
 
-__all__ = ["Aioli", "aioli_normalize", "aioli_unsmooth", "probe_mixture"]
+__all__ = ["Aioli", "aioli_normalize", "aioli_unsmooth", "probe_batch_mixture", "probe_mixture"]
 
 # Phases of the round state machine.
 _PRIOR, _AWAIT, _PROBE, _MAIN = "prior", "await_eval", "probe", "main"
@@ -34,6 +35,24 @@ def probe_mixture(j: int, num_domains: int, weight: float) -> np.ndarray:
     m = np.full(num_domains, (1.0 - weight) / (num_domains - 1))
     m[j] = weight
     return m
+
+
+# Tie-break nudge of the probe batches' off-target entries (far below _MATCH_TOL even summed over K² entries).
+_NUDGE = 1e-10
+
+
+def probe_batch_mixture(j: int, num_domains: int, weight: float, rotation: int) -> np.ndarray:
+    """``m_j`` with its off-target entries nudged so that largest-remainder rounding hands the spare samples
+    of a batch to the off-target domains in an order rotated by ``rotation`` (not always the lowest indices).
+
+    The nudges (``≤ K·1e-10``) change no count except among tied remainders, and a realised count stays within
+    one of ``m_j·B``: over the steps of a probe the off-target mass is then spread over every domain.
+    """
+    m = probe_mixture(j, num_domains, weight)
+    off = [i for i in range(num_domains) if i != j]
+    for rank in range(len(off)):
+        m[off[(rotation + rank) % len(off)]] += (len(off) - rank) * _NUDGE
+    return m / m.sum()
 
 
 def aioli_unsmooth(d: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -63,12 +82,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum()
 
 
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 class Aioli(Policy):
     """Aioli: rounds of held-out evaluation, LearnParams probes and an exponentiated-gradient update.
 
@@ -82,8 +95,9 @@ class Aioli(Policy):
        evaluations of probe ``j`` (realised per-domain counts, averaged over the sweeps; ``f = 1``: ``A = D``);
     4. normalise (``normalize=True``): shift by ``min(A)`` if negative, divide by the sum of entries: ``Ā``;
     5. update: cumulative ``log w ← log w + η·colsum(Ā)``, ``p = softmax(log w)``; or, with ``ema=β``,
-       ``E ← (1−β)·Ā + β·E`` (``E`` starts at 0) and ``p ∝ base ⊙ exp(η·colsum(E))`` — non-cumulative, so
-       ``p`` stays within ``exp(±η·max colsum)`` of ``base``;
+       ``E ← (1−β)·Ā + β·E`` (``E₁ = Ā₁``: the first round's estimate, as in the authors' code) and
+       ``p ∝ base ⊙ exp(η·colsum(E))`` — non-cumulative, so ``p`` stays within ``exp(±η·max colsum)`` of
+       ``base``;
     6. train on ``p`` for the rest of the round. A round costs ``R·K + 1`` evaluations.
 
     Probe steps are ordinary training steps on the live model. During probes :attr:`exact_counts` is True, so
@@ -161,28 +175,20 @@ class Aioli(Policy):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self._round_steps_arg = None if round_steps is None else _check_int(round_steps, "round_steps", 1)
+        self._round_steps_arg = check_int(round_steps, "round_steps", low=1, allow_none=True)
         self.round_steps = self._round_steps_arg or 0  # resolved at bind when None
-        self.sweeps = _check_int(sweeps, "sweeps", 1)
-        self.probe_steps = _check_int(probe_steps, "probe_steps", 1)
-        if isinstance(probe_weight, bool) or not isinstance(probe_weight, int | float) or not 0 < probe_weight <= 1:
-            raise ValueError(f"`probe_weight` must be a number in (0, 1], got {probe_weight!r}")
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not (np.isfinite(eta) and eta > 0):
-            raise ValueError(f"`eta` must be a finite number > 0, got {eta!r}")
-        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 <= ema < 1):
-            raise ValueError(f"`ema` must be None (cumulative mode) or a number in [0, 1), got {ema!r}")
-        if not isinstance(normalize, bool):
+        self.sweeps = check_int(sweeps, "sweeps", low=1)
+        self.probe_steps = check_int(probe_steps, "probe_steps", low=1)
+        self.probe_weight = check_float(probe_weight, "probe_weight", low=0, high=1, low_open=True)
+        self.eta = check_float(eta, "eta", low=0, low_open=True)
+        # None: cumulative mode
+        self.ema = check_float(ema, "ema", low=0, high=1, high_open=True, allow_none=True)
+        if not isinstance(normalize, bool | np.bool_):
             raise TypeError(f"`normalize` must be a bool, got {normalize!r}")
-        self.prior_steps = _check_int(prior_steps, "prior_steps", 0)
-        if start_from not in ("uniform", "prior"):
-            raise ValueError(f"`start_from` must be 'uniform' or 'prior', got {start_from!r}")
-        if unsmooth not in ("realised", "nominal"):
-            raise ValueError(f"`unsmooth` must be 'realised' or 'nominal', got {unsmooth!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-            raise TypeError(f"`seed` must be an integer, got {seed!r}")
-        self.probe_weight = float(probe_weight)
-        self.eta = float(eta)
-        self.ema = None if ema is None else float(ema)
+        self.prior_steps = check_int(prior_steps, "prior_steps", low=0)
+        check_choice(start_from, "start_from", ("uniform", "prior"))
+        check_choice(unsmooth, "unsmooth", ("realised", "nominal"))
+        seed = check_seed(seed)
         self.normalize = normalize
         self.prior = None if prior is None else check_proportions(prior, name="prior")
         self.start_from = start_from
@@ -373,7 +379,11 @@ class Aioli(Policy):
                 phase, rnd, probe, count, pos = _PROBE, rnd + 1, 0, 0, 0
                 order = self._order_of(rnd)
         if phase == _PROBE:
-            return probe_mixture(int(order[probe]), k, f), True
+            # Rotate which off-target domains get a batch's spare samples: by a stride that spreads the s steps
+            # of a probe (and the sweeps) evenly over the K − 1 of them.
+            stride = max(1, -(-(k - 1) // s))
+            rotation = (count + s * (probe // k)) * stride
+            return probe_batch_mixture(int(order[probe]), k, f, rotation), True
         return (self._p0 if phase == _PRIOR else self._main_proportions()), False
 
     def _publish(self) -> None:
@@ -483,10 +493,13 @@ class Aioli(Policy):
         if self.normalize:
             a = aioli_normalize(a)
         if np.all(np.isfinite(a)):
+            first = self._estimate is None
             self._estimate = a
             if self.ema is None:
                 self._log_w = self._log_w + self.eta * a.sum(axis=0)
                 self._log_w -= self._log_w.max()  # keeps millions of rounds finite
+            elif first:
+                self._ema = a.copy()  # E₁ = Ā₁, as the authors' code starts it (not (1−β)·Ā₁ from E₀ = 0)
             else:
                 self._ema = (1.0 - self.ema) * a + self.ema * self._ema
         else:

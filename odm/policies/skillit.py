@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_float, check_int
 from odm.policies.base import EVAL_LOSS, DomainStats, Policy, check_proportions
 
 __all__ = ["SkillIt", "estimate_skill_graph", "skillit_proportions"]
@@ -76,7 +77,8 @@ class SkillIt(Policy):
     Every ``eval_every`` updates the policy asks for a held-out evaluation (:meth:`wants_eval`); the
     proportions are recomputed from the last ``window`` evaluations (non-cumulative: only the window counts).
     ``A[i, j]`` says how much training on domain ``i`` lowers domain ``j``'s held-out loss, so a domain scores
-    high when it helps domains whose loss is still high. Before the first evaluation ``p = p0``.
+    high when it helps domains whose loss is still high. Before the first evaluation ``p ∝ p0 ⊙ exp(η·A·1)``
+    (every loss taken as 1, as the authors' code starts).
 
     Args:
         graph: the ``(K, K)`` skills graph; default the identity (each domain helps only itself). Estimate one
@@ -107,12 +109,9 @@ class SkillIt(Policy):
         eval_every: int = 100,
     ) -> None:
         super().__init__()
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not (np.isfinite(eta) and eta > 0):
-            raise ValueError(f"`eta` must be a finite number > 0, got {eta!r}")
-        for arg, val in (("window", window), ("eval_every", eval_every)):
-            if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < 1:
-                raise ValueError(f"`{arg}` must be an integer >= 1, got {val!r}")
-        self.eta, self.window, self.eval_every = float(eta), int(window), int(eval_every)
+        self.eta = check_float(eta, "eta", low=0, low_open=True)
+        self.window = check_int(window, "window", low=1)
+        self.eval_every = check_int(eval_every, "eval_every", low=1)
         self.graph: np.ndarray | None = None
         if graph is not None:
             g = np.asarray(graph, dtype=np.float64)
@@ -131,7 +130,8 @@ class SkillIt(Policy):
             raise ValueError(f"`graph` is {self.graph.shape[0]}x{self.graph.shape[0]}, the mixer has {num_domains}")
         self._graph = self.graph if self.graph is not None else np.eye(num_domains)
         self._p0 = self.prior if self.prior is not None else np.full(num_domains, 1.0 / num_domains)
-        self._p = self._p0.copy()
+        # Before any evaluation the authors' code uses a loss of 1 for every domain: p ∝ p0 ⊙ exp(η·A·1).
+        self._p = skillit_proportions(self._p0, self._graph, np.ones((1, num_domains)), self.eta)
         self._evals: deque[np.ndarray] = deque(maxlen=self.window)
 
     def _get_state(self) -> dict[str, Any]:
