@@ -19,7 +19,7 @@ import torch
 
 from odm._dist import all_reduce_host, comm_device, distributed
 
-__all__ = ["DomainFeedback", "FeedbackRows", "all_reduce_host", "distributed"]
+__all__ = ["DomainFeedback", "FeedbackRows", "all_reduce_host", "distributed", "flatten_tokens"]
 
 # Device types whose losses are accumulated in numpy on the host (a CPU tensor's .numpy() is a free view).
 _HOST_DEVICE_TYPES = frozenset({"cpu"})
@@ -75,6 +75,17 @@ class FeedbackRows:
         bad_ids, bad_weights, calls = (float(x) for x in flat[_NUM_DOMAIN_ROWS * k : cls.size(k)])
         return cls(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bad_ids=bad_ids, bad_weights=bad_weights, calls=calls)
 
+    @staticmethod
+    def domain_rows(flat: np.ndarray, num_domains: int) -> np.ndarray:
+        """The ``(7, K)`` per-domain rows of a packed vector (a view), indexed by ``LOSS`` … ``DRAWN``."""
+        return flat[: _NUM_DOMAIN_ROWS * num_domains].reshape(_NUM_DOMAIN_ROWS, num_domains)
+
+    @staticmethod
+    def scalars(flat: np.ndarray) -> tuple[float, float, float]:
+        """``(bad_ids, bad_weights, calls)`` of a packed vector."""
+        bad_ids, bad_weights, calls = flat[-_NUM_SCALARS:].tolist()
+        return bad_ids, bad_weights, calls
+
     def pack(self) -> np.ndarray:
         """The flat vector :meth:`unpack` reads (a new array)."""
         rows = [self.loss, self.count, self.samples, self.nonfinite, self.eval_sum, self.eval_count, self.drawn]
@@ -115,6 +126,39 @@ def _refuse_meta(**named: Any) -> None:
                 f"`{name}` is on the 'meta' device, which holds no values; pass the real tensor (e.g. the "
                 "per-sample losses of the forward pass), not a shape placeholder"
             )
+
+
+def flatten_tokens(token_domain: Any, loss: Any, weight: Any) -> tuple[Any, Any]:
+    """Per-token losses (and weights) of a packed batch, flattened to match ``token_domain.reshape(-1)``.
+
+    A per-sequence weight ``[B]`` applies to every token of its sequence.
+    """
+    shape = tuple(token_domain.shape) if hasattr(token_domain, "shape") else np.shape(token_domain)
+    if len(shape) != 2:
+        raise ValueError(f"batch['token_domain'] must be [B, T] (one domain id per token), got shape {shape}")
+    b, t = shape
+    loss_shape = tuple(loss.shape) if hasattr(loss, "shape") else np.shape(loss)
+    if loss_shape != shape:
+        raise ValueError(
+            f"per-token losses must have the shape of batch['token_domain'] {list(shape)}, got {list(loss_shape)}; "
+            "pass the unreduced loss (reduction='none'), reshaped to [B, T]"
+        )
+    flat_loss = loss.reshape(-1) if hasattr(loss, "reshape") else np.asarray(loss).reshape(-1)
+    if weight is None:
+        return flat_loss, None
+    w_shape = tuple(weight.shape) if hasattr(weight, "shape") else np.shape(weight)
+    if w_shape == shape:
+        return flat_loss, weight.reshape(-1) if hasattr(weight, "reshape") else np.asarray(weight).reshape(-1)
+    if w_shape == (b,):
+        if isinstance(weight, torch.Tensor):
+            return flat_loss, weight.reshape(b, 1).expand(b, t).reshape(-1)
+        return flat_loss, np.broadcast_to(np.asarray(weight, dtype=np.float64).reshape(b, 1), (b, t)).reshape(-1)
+    if w_shape == ():
+        return flat_loss, weight
+    raise ValueError(
+        f"`weight` of a packed batch must be [B, T] {list(shape)}, per sequence [B] ({b},) or one number, "
+        f"got shape {list(w_shape)}"
+    )
 
 
 class DomainFeedback:
