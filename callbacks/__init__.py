@@ -17,7 +17,11 @@ __all__ = ["SAMPLE_LOSSES", "OnlineMixing"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from odm.callbacks import online_mixing
-
+        try:
+            from odm.callbacks import online_mixing
+        except ImportError as err:
+            if err.name not in ("lightning", "torchmetrics"):
+                raise
+            raise ImportError(f"odm.callbacks.{name} needs Lightning: pip install 'torch-odm[lightning]'") from err
         return getattr(online_mixing, name)
     raise AttributeError(f"module 'odm.callbacks' has no attribute {name!r}")
