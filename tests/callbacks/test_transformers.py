@@ -272,7 +272,9 @@ def test_the_mixin_composes_with_another_trainer_subclass(tmp_path: Path) -> Non
 # -- DDP -------------------------------------------------------------------------------------------------------
 def _ddp_main(out: str, resume: str | None) -> None:
     """One rank of the torchrun job: train (or resume), write what this rank saw."""
-    args = make_args(Path(out), max_steps=6, save_steps=3, ddp_timeout=20, ddp_backend="gloo")
+    args = make_args(
+        Path(out), max_steps=6, save_steps=3, ddp_timeout=20, ddp_backend="gloo", ddp_find_unused_parameters=False
+    )
     loader = make_loader()
     trainer = RecordingTrainer(loader, model=make_model(), args=args)
     recording = Recording(loader.mixer)
