@@ -109,9 +109,7 @@ def plot_proportions(
     ys = np.vstack([proportions, proportions[-1:]])
     fig, ax = plt.subplots(figsize=(7, 3.6))
     colours = plt.get_cmap("tab20" if mixer.num_domains > 10 else "tab10")
-    ax.stackplot(
-        xs, ys.T, labels=mixer.domains, step="post", colors=[colours(i) for i in range(mixer.num_domains)]
-    )
+    ax.stackplot(xs, ys.T, labels=mixer.domains, step="post", colors=[colours(i) for i in range(mixer.num_domains)])
     ax.set_xlim(0, max(xs[-1], 1))
     ax.set_ylim(0, 1)
     ax.set_xlabel("training step (mixer.step() calls)")
