@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import inspect
 import json
 import math
@@ -88,27 +89,56 @@ class ByteWindows(torch.utils.data.Dataset):
         return self.data[start : start + self.length].long()
 
 
-def read_domain(path: Path, max_bytes: int | None = None) -> np.ndarray:
-    """The documents of a JSONL file as one byte array (documents separated by a blank line)."""
+def _documents(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _join(docs: Sequence[str], max_bytes: int | None = None) -> np.ndarray:
+    """Documents as one byte array (separated by a blank line), at most ``max_bytes`` (whole documents, then cut)."""
     chunks: list[bytes] = []
     total = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line)["text"]
-            raw = text.encode("utf-8") + b"\n\n"
-            chunks.append(raw)
-            total += len(raw)
-            if max_bytes is not None and total >= max_bytes:
-                break
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8).copy()
+    for text in docs:
+        raw = text.encode("utf-8") + b"\n\n"
+        chunks.append(raw)
+        total += len(raw)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    data = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    return (data if max_bytes is None else data[:max_bytes]).copy()
+
+
+def read_domain(path: Path, max_bytes: int | None = None) -> np.ndarray:
+    """The documents of a JSONL file as one byte array (documents separated by a blank line)."""
+    return _join(_documents(path), max_bytes)
+
+
+JUNK = "junk"  # the name of the added random-bytes domain (``--junk``); never part of the scored mean
+
+
+def junk_bytes(size: int, *, seed: int) -> np.ndarray:
+    """``size`` uniformly random bytes: 8 bits per byte is the best any model can do, and nothing transfers."""
+    return np.random.default_rng(seed).integers(0, 256, size=size, dtype=np.uint8)
 
 
 @dataclasses.dataclass
 class Corpus:
+    """One domain per key: ``train`` (what the loader draws), ``feedback`` (held-out text a policy may be
+    evaluated on while it trains) and ``test`` (held-out text used only for the reported scores).
+
+    ``caps``: the per-domain training caps applied (bytes), ``scored``: the domains of the headline mean (all but
+    the junk domain)."""
+
     domains: list[str]
     train: dict[str, np.ndarray]
-    val: dict[str, np.ndarray]
+    feedback: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
     manifest: dict[str, Any]
+    caps: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def scored(self) -> list[str]:
+        return [d for d in self.domains if d != JUNK]
 
     @property
     def train_bytes(self) -> np.ndarray:
@@ -117,43 +147,115 @@ class Corpus:
     @property
     def natural_bytes(self) -> np.ndarray:
         """Each domain's natural size: the bytes its packages hold before the build's cap (``available_bytes``
-        in ``corpus.py``'s manifest), else the training bytes read. Natural proportions and the byte-weighted
-        mean use these, so a capped quick build keeps the real corpus' weights."""
+        in ``corpus.py``'s manifest), else the training bytes read; a domain capped by ``caps`` (the
+        data-constrained regime) counts what is left of it. Natural proportions and the byte-weighted mean use
+        these, so a capped quick build keeps the real corpus' weights."""
         entries = self.manifest.get("domains", {})
-        if all("available_bytes" in entries.get(d, {}) for d in self.domains):
-            return np.array([entries[d]["available_bytes"] for d in self.domains], dtype=np.float64)
-        return self.train_bytes
+        sizes = self.train_bytes.copy()
+        if all("available_bytes" in entries.get(d, {}) for d in self.domains if d != JUNK):
+            for i, d in enumerate(self.domains):
+                if d != JUNK:
+                    sizes[i] = entries[d]["available_bytes"]
+        for i, d in enumerate(self.domains):
+            if d in self.caps:
+                sizes[i] = min(sizes[i], len(self.train[d]))
+        return sizes
 
 
-def load_corpus(data: Path, *, max_train_mb: float | None = None) -> Corpus:
-    """Reads ``data/<domain>/{train,val}.jsonl`` for every domain folder that has both.
+def _split_val(docs: list[str], domain: str) -> tuple[list[str], list[str]]:
+    """A two-way corpus' ``val.jsonl`` split by document: even sha1 -> feedback, odd -> test."""
+    halves: tuple[list[str], list[str]] = ([], [])
+    for i, text in enumerate(docs):
+        h = int(hashlib.sha1(f"{domain}/{i}/{text[:256]}".encode()).hexdigest(), 16)
+        halves[h % 2].append(text)
+    return halves
+
+
+def parse_caps(items: Sequence[str] | None, domains: Sequence[str]) -> dict[str, int]:
+    """``["code_go=40000", "quotes_en=2e4"]`` -> ``{"code_go": 40000, ...}``; ``all=N`` caps every domain.
 
     Raises:
-        FileNotFoundError: if ``data`` holds no domain folder with both files (with how to build one).
+        ValueError: naming the item for a malformed one, an unknown domain or a size below 2 windows.
     """
-    domains = (
-        sorted(p.name for p in data.iterdir() if (p / "train.jsonl").is_file() and (p / "val.jsonl").is_file())
-        if data.is_dir()
-        else []
-    )
-    if not domains:
-        raise FileNotFoundError(
-            f"no corpus in {data}: expected one folder per domain with train.jsonl and val.jsonl; "
-            "build one with `python benchmarks/corpus.py --max-mb 5` or pass --data DIR"
+    caps: dict[str, int] = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        try:
+            size = int(float(value))
+        except ValueError:
+            size = -1
+        if not sep or size < 1:
+            raise ValueError(f"--cap {item!r}: expected DOMAIN=BYTES with BYTES >= 1 (e.g. quotes_en=40000)")
+        if name == "all":
+            caps.update({d: size for d in domains if d not in caps})
+        elif name not in domains:
+            raise ValueError(f"--cap {item!r}: unknown domain {name!r}; domains: {list(domains)}")
+        else:
+            caps[name] = size
+    return caps
+
+
+def load_corpus(
+    data: Path,
+    *,
+    max_train_mb: float | None = None,
+    domains: Sequence[str] | None = None,
+    caps: Sequence[str] | dict[str, int] | None = None,
+    junk: int = 0,
+) -> Corpus:
+    """Reads ``data/<domain>/{train,feedback,test}.jsonl`` for every domain folder that has them.
+
+    A folder with ``train.jsonl`` and ``val.jsonl`` only (a two-way corpus) has its validation documents split
+    in two by document hash: feedback and test never share a document. ``domains`` selects a subset, ``caps``
+    (``DOMAIN=BYTES`` items or a dict) cuts those domains' training text, and ``junk > 0`` adds a domain
+    ``junk`` of that many random training bytes (and random held-out bytes).
+
+    Raises:
+        FileNotFoundError: if ``data`` holds no domain folder with the files (with how to build one).
+        ValueError: for an unknown domain in ``domains`` or ``caps``.
+    """
+    def usable(p: Path) -> bool:
+        return (p / "train.jsonl").is_file() and (
+            all((p / f"{s}.jsonl").is_file() for s in ("feedback", "test")) or (p / "val.jsonl").is_file()
         )
+
+    found = sorted(p.name for p in data.iterdir() if usable(p)) if data.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no corpus in {data}: expected one folder per domain with train.jsonl, feedback.jsonl and test.jsonl "
+            "(or train.jsonl and val.jsonl); build one with `python benchmarks/corpus.py --max-mb 5` or pass --data DIR"
+        )
+    if domains:
+        unknown = [d for d in domains if d not in found]
+        if unknown:
+            raise ValueError(f"unknown domain(s) {unknown} in {data}; domains: {found}")
+        found = [d for d in found if d in domains]
     cap = None if max_train_mb is None else int(max_train_mb * 1e6)
-    train = {d: read_domain(data / d / "train.jsonl", cap) for d in domains}
-    val = {d: read_domain(data / d / "val.jsonl") for d in domains}
+    caps = dict(caps) if isinstance(caps, dict) else parse_caps(caps, found)
+    train, feedback, test = {}, {}, {}
+    for d in found:
+        limit = min(x for x in (cap, caps.get(d)) if x is not None) if (cap or d in caps) else None
+        train[d] = read_domain(data / d / "train.jsonl", limit)
+        if (data / d / "test.jsonl").is_file():
+            feedback[d] = read_domain(data / d / "feedback.jsonl")
+            test[d] = read_domain(data / d / "test.jsonl")
+        else:
+            fb, te = _split_val(_documents(data / d / "val.jsonl"), d)
+            feedback[d], test[d] = _join(fb), _join(te)
+    if junk > 0:
+        found = [*found, JUNK]
+        train[JUNK] = junk_bytes(int(junk), seed=1)
+        feedback[JUNK] = junk_bytes(200_000, seed=2)
+        test[JUNK] = junk_bytes(200_000, seed=3)
     manifest_path = data / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    return Corpus(domains, train, val, manifest)
+    return Corpus(found, train, feedback, test, manifest, caps)
 
 
-def eval_windows(val: np.ndarray, length: int, count: int, *, offset: int) -> torch.Tensor:
-    """``count`` fixed windows spread evenly over a domain's validation bytes; ``offset`` picks a disjoint set
-    (0: the benchmark's measurement, 1: the policies' own held-out evaluations)."""
+def eval_windows(val: np.ndarray, length: int, count: int) -> torch.Tensor:
+    """``count`` fixed windows spread evenly over a domain's held-out bytes (test or feedback split)."""
     n = max(1, (len(val) - 1) // (length - 1))
-    idx = np.linspace(0, n - 1, num=2 * count, dtype=np.int64)[offset::2]
+    idx = np.unique(np.linspace(0, n - 1, num=count, dtype=np.int64))
     ds = ByteWindows(val, length)
     rows = [ds[int(i)] for i in idx if len(ds[int(i)]) == length]
     if not rows:
@@ -229,6 +331,18 @@ def discover(selected: Sequence[str] | None) -> list[Spec]:
     return sorted(specs, key=lambda s: s.label != "uniform")
 
 
+def policy_class(name: str) -> type[odm.Policy]:
+    """The class registered as ``name``, found through the public API (``odm.policies.__all__``)."""
+    lookup = getattr(odm.policies, "policy_class", None)
+    if lookup is not None:
+        return lookup(name)  # type: ignore[no-any-return]
+    for attr in odm.policies.__all__:
+        obj = getattr(odm.policies, attr)
+        if isinstance(obj, type) and issubclass(obj, odm.Policy) and getattr(obj, "name", None) == name:
+            return obj
+    raise ValueError(f"unknown policy {name!r}; known policies: {odm.policies.policy_names()}")
+
+
 def _reference_kwarg(cls: type) -> str | None:
     return next((p for p in inspect.signature(cls).parameters if "reference" in p), None)
 
@@ -261,7 +375,7 @@ def build_policy(spec: Spec, corpus: Corpus, reference: np.ndarray | None) -> od
         kwargs["prior"] = corpus.natural_bytes
     if spec.name == "entropy":  # the entropy prior estimates from a sample of each domain's training bytes
         kwargs["samples"] = [[corpus.train[d][:262_144].tobytes()] for d in corpus.domains]
-    cls = odm.policies._REGISTRY[spec.name]  # the class, to inspect its signature
+    cls = policy_class(spec.name)  # the class, to inspect its signature
     key = _reference_kwarg(cls)
     if _needs_reference(spec):
         if key is None:
@@ -307,8 +421,10 @@ def train_run(
     sources = {d: ByteWindows(corpus.train[d], length) for d in corpus.domains}
     loader = odm.MixtureLoader(sources, batch_size=cfg.batch_size, policy=policy, seed=seed)
     mixer = loader.mixer
-    measure = [eval_windows(corpus.val[d], length, cfg.eval_windows, offset=0) for d in corpus.domains]
-    held_out = [eval_windows(corpus.val[d], length, cfg.policy_eval_windows, offset=1) for d in corpus.domains]
+    # The reported scores come from the test split only; a policy's own held-out evaluations (Aioli, Skill-It)
+    # from the feedback split: different documents of different source groups (see corpus.py).
+    measure = [eval_windows(corpus.test[d], length, cfg.eval_windows) for d in corpus.domains]
+    held_out = [eval_windows(corpus.feedback[d], length, cfg.policy_eval_windows) for d in corpus.domains]
     model = ByteLM(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
@@ -573,12 +689,12 @@ def hardware() -> str:
 
 # -- entry point -----------------------------------------------------------------------------------------------
 
-QUICK = dict(steps=200, eval_every=20, eval_windows=24, policy_eval_windows=8, warmup=20)
+QUICK = dict(steps=200, eval_every=20, eval_windows=64, policy_eval_windows=16, warmup=20)
 QUICK_MODEL = LMConfig(num_layers=2, width=64, num_heads=4, context=64)
 
 
 def _needs_reference(spec: Spec) -> bool:
-    cls = odm.policies._REGISTRY[spec.name]
+    cls = policy_class(spec.name)
     return _reference_kwarg(cls) is not None or REFERENCE_LOSS in cls.requires
 
 
@@ -603,9 +719,9 @@ def _warm_up(corpus: Corpus, cfg: RunConfig) -> None:
 _WORKER: dict[str, Any] = {}  # a --jobs worker process's corpus
 
 
-def _worker_init(data: Path, max_train_mb: float | None, threads: int, cfg: RunConfig) -> None:
+def _worker_init(data: Path, corpus_args: dict[str, Any], threads: int, cfg: RunConfig) -> None:
     torch.set_num_threads(threads)
-    _WORKER["corpus"] = load_corpus(data, max_train_mb=max_train_mb)
+    _WORKER["corpus"] = load_corpus(data, **corpus_args)
     _warm_up(_WORKER["corpus"], cfg)
 
 
@@ -619,7 +735,7 @@ def _run_parallel(
     *,
     workers: int,
     data: Path,
-    max_train_mb: float | None,
+    corpus_args: dict[str, Any],
     threads: int,
     on_done: Callable[[Spec, int, dict[str, Any] | str], None],
     reference: dict[int, np.ndarray],
@@ -628,7 +744,7 @@ def _run_parallel(
     starts once uniform's run of its seed is done (``on_done`` fills ``reference``)."""
     waiting = [j for j in jobs if _needs_reference(j[0])]
     context = multiprocessing.get_context("spawn")  # fork after torch has run threads can hang in OpenMP
-    initargs = (data, max_train_mb, threads, cfg)
+    initargs = (data, corpus_args, threads, cfg)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=initargs) as pool:
         pending = {
             pool.submit(_worker_run, spec, seed, cfg, None): (spec, seed)
@@ -658,18 +774,23 @@ def run(
     tag: str | None = None,
     model: LMConfig | None = None,
     jobs: int = 1,
+    domains: Sequence[str] | None = None,
+    caps: Sequence[str] | None = None,
+    junk: int = 0,
 ) -> dict[str, Any]:
     """Runs the benchmark and writes ``quality-<hardware>-<date>.{json,md}`` and the plots; returns the result.
 
     ``jobs > 1`` trains that many runs at once in worker processes of ``torch.get_num_threads() // jobs`` threads
     (at least 1); each run is the same as in one process with that many threads.
     """
-    corpus = load_corpus(data, max_train_mb=max_train_mb)
+    corpus_args: dict[str, Any] = dict(max_train_mb=max_train_mb, domains=domains, caps=caps, junk=junk)
+    corpus = load_corpus(data, **corpus_args)
     cfg = RunConfig(**QUICK, model=QUICK_MODEL) if quick else RunConfig()
     if model is not None:
         cfg = dataclasses.replace(cfg, model=model)
     if steps is not None:
-        cfg = dataclasses.replace(cfg, steps=steps, eval_every=max(1, min(cfg.eval_every, steps // 10 or 1)))
+        every = max(1, min(cfg.eval_every, steps // 10 or 1), steps // 20)  # 10 to 20 evaluations per run
+        cfg = dataclasses.replace(cfg, steps=steps, eval_every=every)
     specs = discover(policies)
     mb = ", ".join(f"{d} {len(corpus.train[d]) / 1e6:.1f}" for d in corpus.domains)
     print(f"data {data}: {len(corpus.domains)} domains (train MB: {mb})")
@@ -703,7 +824,7 @@ def run(
             cfg,
             workers=jobs,
             data=data,
-            max_train_mb=max_train_mb,
+            corpus_args=corpus_args,
             threads=threads,
             on_done=on_done,
             reference=reference,
@@ -741,6 +862,10 @@ def run(
         "domains": corpus.domains,
         "train_bytes": corpus.train_bytes.tolist(),
         "natural_bytes": corpus.natural_bytes.tolist(),
+        "scored_domains": corpus.scored,
+        "regime": {"domains": domains, "caps": corpus.caps, "junk_bytes": int(junk), "max_train_mb": max_train_mb},
+        "test_bytes": [len(corpus.test[d]) for d in corpus.domains],
+        "feedback_bytes": [len(corpus.feedback[d]) for d in corpus.domains],
         "weights": "natural proportions and the byte-weighted mean use natural_bytes (uncapped domain sizes)",
         "corpus": corpus.manifest,
         "skipped": skipped,
@@ -830,7 +955,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"corpus folder (default {DEFAULT_DATA})")
     parser.add_argument("--quick", action="store_true", help="smaller model, 200 steps: minutes, for a first look")
     parser.add_argument("--policies", nargs="+", help="labels or registry names (default: all registered)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (first-seed..first-seed+N-1), default 3")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0; tuning seeds: 100)")
+    parser.add_argument("--domains", nargs="+", help="a subset of the corpus' domains (a second composition)")
+    parser.add_argument(
+        "--cap",
+        nargs="+",
+        metavar="DOMAIN=BYTES",
+        help="cut these domains' training text (all=BYTES: every domain): the data-constrained regime",
+    )
+    parser.add_argument("--junk", type=float, default=0, help="add a domain `junk` of this many random bytes")
     parser.add_argument("--steps", type=int, help="training steps per run (default 800; quick 200)")
     parser.add_argument("--max-train-mb", type=float, help="read at most this many MB of training text per domain")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads in all")
@@ -862,13 +996,16 @@ def main(argv: list[str] | None = None) -> int:
         args.data,
         quick=args.quick,
         policies=args.policies,
-        seeds=range(args.seeds),
+        seeds=range(args.first_seed, args.first_seed + args.seeds),
         steps=args.steps,
         out=args.out,
         max_train_mb=args.max_train_mb,
         progress=not args.no_progress,
         tag=args.tag,
         jobs=args.jobs,
+        domains=args.domains,
+        caps=args.cap,
+        junk=int(args.junk),
     )
     return 0
 

@@ -339,7 +339,7 @@ def test_bad_options_are_refused_at_construction(tmp_path):
         WebDatasetSource(paths, decode="nonsense")
     with pytest.raises(ValueError, match="`sample_counts` has 1 entries but there are 2 urls"):
         WebDatasetSource(paths, sample_counts=[2])
-    with pytest.raises(ValueError, match="non-negative integers, got -1"):
+    with pytest.raises(ValueError, match="`sample_counts` must be an integer >= 0, got -1"):
         WebDatasetSource(paths, sample_counts=[2, -1])
     p = write_lines(tmp_path / "a.jsonl", ["{}"])
     with pytest.raises(TypeError, match="`field` must be a string"):

@@ -17,7 +17,7 @@ import numpy as np
 from odm.policies.base import TRAIN_LOSS, DomainStats, Policy, check_proportions
 from odm.policies.scaling_law import fit_power_law, power_law, savgol_smooth
 
-__all__ = ["ADO", "apply_floor", "fit_power_law", "power_law", "savgol_smooth"]
+__all__ = ["ADO", "apply_floor", "clip_floor", "fit_power_law", "power_law", "savgol_smooth"]
 
 ALPHA_MIN_SLOPE = 0.05  # exponent floor in the learning speed
 CREDIT_DECAY = 0.9  # h ← 0.9·h + 0.1·share
@@ -44,6 +44,13 @@ def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
     return out / out.sum()
 
 
+def clip_floor(p: np.ndarray, floor: float) -> np.ndarray:
+    """The authors' floor (``clip_min_probability``): ``max(p, floor)`` renormalised. Entries end at least
+    ``floor/(1 + K·floor)``, not ``floor``; the order is kept."""
+    out = np.maximum(p, floor)
+    return out / out.sum()
+
+
 def _credit(h: np.ndarray, mode: str) -> np.ndarray:
     return np.sqrt(h) if mode == "sqrt" else np.sqrt(h * (1.0 - h))
 
@@ -57,9 +64,19 @@ class ADO(Policy):
 
     * ``h ← 0.9·h + 0.1·(realised batch share)``, ``h`` starting at the prior ``μ``;
     * learning speed ``v_i = max(α_i, 0.05)·(L̂_i(n) − e^{E_i}) / n`` (``n`` = samples seen so far);
-    * score ``ρ_i ∝ μ_i·sqrt(h_i)·v_i``, normalised, floored at ``floor`` (:func:`apply_floor`);
-    * ``π̄ ← π̄ + (ρ − π̄)/(t + 1)`` (running mean of ``ρ`` over all updates, ``π̄_0 = μ``, ``ρ = μ`` before
-      every domain has a fit, as the authors' code weighs it); proportions ``π = 0.9·π̄ + 0.1·ρ``.
+    * score ``ρ_i ∝ μ_i·sqrt(h_i)·v_i``, normalised, floored at ``floor``;
+    * proportions ``π = 0.9·π̄ + 0.1·ρ``, then ``π̄ ← π̄ + (ρ − π̄)/(t + 1)`` (the running mean of ``ρ`` over all
+      updates, ``π̄_0 = μ``, ``ρ = μ`` before every domain has a fit). The order is the authors' code's: ``π``
+      uses the mean *before* this update's ``ρ`` enters it.
+
+    Fidelity to the authors' code (yidingjiang/ado): the fit adds their hinge penalties on ``a > 6.5`` and
+    ``E < 0.5`` (``fit_penalties=True``, see :func:`fit_power_law`); the credit is their ``sqrt(h)``; the
+    floor is their clip-and-renormalise with ``floor_rule="clip"``, while the default ``"exact"`` lifts
+    entries to exactly ``floor`` (:func:`apply_floor`; the two differ by at most a factor ``1 + K·floor``
+    on the floored entries). The authors subsample the per-step loss curve (every 10th step after a 101-step
+    Savitzky-Golay filter); we average bins of ``bin_size`` updates and smooth over ``smoothing`` bins. Their
+    ``ignore_steps`` drops the first steps from the fit's points after smoothing (their Pile config: 1000,
+    equal to ``start_step``); ours keeps those updates out of the history (``n`` still counts their samples).
 
     ``n`` is the policy's own count of observed samples (``Σ stats.count``, the mixer's ``num_samples``), so a
     fit cannot be fooled by per-update ``num_samples``. ``π ≥ floor`` once ``μ ≥ floor``; ``π ≥ 0.1·floor``
@@ -70,11 +87,17 @@ class ADO(Policy):
         start_step: first update at which a fit may run. The authors' 1000 is kept: on ``benchmarks/quality.py``
             (800 steps, so no fit: uniform) fitting from step 50 every 50 steps ended +0.053 bits per byte worse.
         update_interval: fit at updates ``t ≥ start_step`` with ``t % update_interval == 0``.
-        ignore_steps: updates at the start of the run left out of the history (the early transient).
+        ignore_steps: updates at the start of the run left out of the history (the early transient). Default
+            0; the authors' Pile config uses 1000.
         floor: probability floor of ``ρ``; ``floor·K ≤ 1``. ``None`` (default): the authors' 0.01, lowered to
             ``0.5/K`` when K > 50 so that the floor never takes more than half the mass.
-        credit: ``"sqrt"`` (``sqrt(h)``, as ALGORITHMS.md specifies) or ``"sqrt_var"`` (``sqrt(h·(1−h))``,
-            the authors' released code).
+        floor_rule: ``"exact"`` (water-filling: every entry of ``ρ`` ends ``≥ floor``) or ``"clip"`` (the
+            authors' ``max(ρ, floor)`` renormalised).
+        credit: ``"sqrt"`` (``sqrt(h)``, the authors' code and our specification) or ``"sqrt_var"``
+            (``sqrt(h·(1−h))``, an alternative that also damps a dominant domain; not from the authors).
+        fit_penalties: the authors' hinge penalties ``a ≤ 6.5``, ``E ≥ 0.5`` in the fit (default True). Off,
+            an irreducible loss below 1.65 nats is fitted freely: at 1.2 nats the learning speed then differs by
+            about 0.6× from the authors'.
         bin_size: updates per history point; adjacent points merge (and the size doubles) beyond
             ``max_points``, so the history and the fit cost stay bounded over any run length.
         max_points: most history points kept.
@@ -98,7 +121,9 @@ class ADO(Policy):
         update_interval: int = 1000,
         ignore_steps: int = 0,
         floor: float | None = None,
+        floor_rule: str = "exact",
         credit: str = "sqrt",
+        fit_penalties: bool = True,
         bin_size: int = 10,
         max_points: int = 2000,
         smoothing: int = 11,
@@ -121,6 +146,9 @@ class ADO(Policy):
             raise ValueError(f"`floor` must be None or a number in [0, 1), got {floor!r}")
         if credit not in ("sqrt", "sqrt_var"):
             raise ValueError(f"`credit` must be 'sqrt' or 'sqrt_var', got {credit!r}")
+        if floor_rule not in ("exact", "clip"):
+            raise ValueError(f"`floor_rule` must be 'exact' or 'clip', got {floor_rule!r}")
+        self.floor_rule, self.fit_penalties = floor_rule, bool(fit_penalties)
         if not isinstance(huber_delta, int | float) or not huber_delta > 0:
             raise ValueError(f"`huber_delta` must be a number > 0, got {huber_delta!r}")
         self.start_step, self.update_interval, self.ignore_steps = int(start_step), int(update_interval), ignore_steps
@@ -225,8 +253,9 @@ class ADO(Policy):
         if t >= self.start_step and t % self.update_interval == 0 and len(self._hist) >= 3:
             self._fit()
         self._rho = self._score() if self._ready() else self._mu.copy()
-        self._pi_bar = self._pi_bar + (self._rho - self._pi_bar) / (t + 1)
+        # The authors' order: π from the mean before this ρ, then the mean takes it in.
         self._p = MEAN_WEIGHT * self._pi_bar + (1.0 - MEAN_WEIGHT) * self._rho
+        self._pi_bar = self._pi_bar + (self._rho - self._pi_bar) / (t + 1)
 
     # -- internals -----------------------------------------------------------------------------------------
     def _record(self, stats: DomainStats) -> None:
@@ -250,7 +279,7 @@ class ADO(Policy):
         mask = np.isfinite(loss)
         if self.smoothing > 1:
             loss = savgol_smooth(_fill_gaps(loss), self.smoothing)
-        params, ok = fit_power_law(n, loss, mask, delta=self.huber_delta)
+        params, ok = fit_power_law(n, loss, mask, delta=self.huber_delta, penalties=self.fit_penalties)
         self._params[ok] = params[ok]
         self._fitted |= ok
 
@@ -268,7 +297,8 @@ class ADO(Policy):
             return self._mu.copy()
         logits = np.where(np.isfinite(logits), logits, -np.inf)
         z = np.exp(logits - logits.max())
-        return apply_floor(z / z.sum(), self.floor)
+        floored = apply_floor if self.floor_rule == "exact" else clip_floor
+        return floored(z / z.sum(), self.floor)
 
 
 def _fill_gaps(loss: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from odm.policies.base import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy, check_proportions
 
-__all__ = ["Aioli", "aioli_normalize", "aioli_unsmooth", "probe_mixture"]
+__all__ = ["Aioli", "aioli_normalize", "aioli_unsmooth", "probe_batch_mixture", "probe_mixture"]
 
 # Phases of the round state machine.
 _PRIOR, _AWAIT, _PROBE, _MAIN = "prior", "await_eval", "probe", "main"
@@ -34,6 +34,24 @@ def probe_mixture(j: int, num_domains: int, weight: float) -> np.ndarray:
     m = np.full(num_domains, (1.0 - weight) / (num_domains - 1))
     m[j] = weight
     return m
+
+
+# Tie-break nudge of the probe batches' off-target entries (far below _MATCH_TOL even summed over K² entries).
+_NUDGE = 1e-10
+
+
+def probe_batch_mixture(j: int, num_domains: int, weight: float, rotation: int) -> np.ndarray:
+    """``m_j`` with its off-target entries nudged so that largest-remainder rounding hands the spare samples
+    of a batch to the off-target domains in an order rotated by ``rotation`` (not always the lowest indices).
+
+    The nudges (``≤ K·1e-10``) change no count except among tied remainders, and a realised count stays within
+    one of ``m_j·B``: over the steps of a probe the off-target mass is then spread over every domain.
+    """
+    m = probe_mixture(j, num_domains, weight)
+    off = [i for i in range(num_domains) if i != j]
+    for rank in range(len(off)):
+        m[off[(rotation + rank) % len(off)]] += (len(off) - rank) * _NUDGE
+    return m / m.sum()
 
 
 def aioli_unsmooth(d: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -82,8 +100,9 @@ class Aioli(Policy):
        evaluations of probe ``j`` (realised per-domain counts, averaged over the sweeps; ``f = 1``: ``A = D``);
     4. normalise (``normalize=True``): shift by ``min(A)`` if negative, divide by the sum of entries: ``Ā``;
     5. update: cumulative ``log w ← log w + η·colsum(Ā)``, ``p = softmax(log w)``; or, with ``ema=β``,
-       ``E ← (1−β)·Ā + β·E`` (``E`` starts at 0) and ``p ∝ base ⊙ exp(η·colsum(E))`` — non-cumulative, so
-       ``p`` stays within ``exp(±η·max colsum)`` of ``base``;
+       ``E ← (1−β)·Ā + β·E`` (``E₁ = Ā₁``: the first round's estimate, as in the authors' code) and
+       ``p ∝ base ⊙ exp(η·colsum(E))`` — non-cumulative, so ``p`` stays within ``exp(±η·max colsum)`` of
+       ``base``;
     6. train on ``p`` for the rest of the round. A round costs ``R·K + 1`` evaluations.
 
     Probe steps are ordinary training steps on the live model. During probes :attr:`exact_counts` is True, so
@@ -373,7 +392,11 @@ class Aioli(Policy):
                 phase, rnd, probe, count, pos = _PROBE, rnd + 1, 0, 0, 0
                 order = self._order_of(rnd)
         if phase == _PROBE:
-            return probe_mixture(int(order[probe]), k, f), True
+            # Rotate which off-target domains get a batch's spare samples: by a stride that spreads the s steps
+            # of a probe (and the sweeps) evenly over the K − 1 of them.
+            stride = max(1, -(-(k - 1) // s))
+            rotation = (count + s * (probe // k)) * stride
+            return probe_batch_mixture(int(order[probe]), k, f, rotation), True
         return (self._p0 if phase == _PRIOR else self._main_proportions()), False
 
     def _publish(self) -> None:
@@ -483,10 +506,13 @@ class Aioli(Policy):
         if self.normalize:
             a = aioli_normalize(a)
         if np.all(np.isfinite(a)):
+            first = self._estimate is None
             self._estimate = a
             if self.ema is None:
                 self._log_w = self._log_w + self.eta * a.sum(axis=0)
                 self._log_w -= self._log_w.max()  # keeps millions of rounds finite
+            elif first:
+                self._ema = a.copy()  # E₁ = Ā₁, as the authors' code starts it (not (1−β)·Ā₁ from E₀ = 0)
             else:
                 self._ema = (1.0 - self.ema) * a + self.ema * self._ema
         else:

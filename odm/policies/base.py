@@ -35,6 +35,8 @@ class DomainStats:
         num_samples: total samples seen by the run so far, this update included (ADO's ``n``).
         eval_loss: ``(K,)`` per-domain held-out mean loss, when an evaluation ran for this update.
         reference_loss: ``(K,)`` per-domain mean reference loss (DoReMi), when available.
+        num_batches: how many micro-batches (``observe`` calls of equal size) the training statistics come
+            from. ODM's paper rule sums one reward per micro-batch, so it scales with this count.
     """
 
     loss_sum: np.ndarray
@@ -44,6 +46,7 @@ class DomainStats:
     num_samples: int = 0
     eval_loss: np.ndarray | None = None
     reference_loss: np.ndarray | None = None
+    num_batches: int = 1
 
     @property
     def num_domains(self) -> int:
@@ -68,6 +71,7 @@ class DomainStats:
         *,
         step: int = 1,
         counts: Sequence[float] | np.ndarray | None = None,
+        num_batches: int = 1,
     ) -> DomainStats:
         """Builds stats from per-domain *mean* losses (NaN = not drawn); handy in tests and simulations."""
         mean = np.asarray(losses, dtype=np.float64)
@@ -82,6 +86,7 @@ class DomainStats:
             proportions=np.asarray(proportions, dtype=np.float64),
             step=step,
             num_samples=int(cnt.sum()),
+            num_batches=num_batches,
         )
 
 

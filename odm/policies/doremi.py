@@ -46,9 +46,11 @@ class DoReMi(Policy):
 
         α ← α ⊙ exp(η·λ);   α ← (1 − c)·α/Σα + c/K
 
-    and ``α`` is used as the sampling proportions. The time average ``ᾱ = (1/T)·Σ_t α_t`` over the ``T``
-    updates so far is :attr:`average_proportions`: export it (``odm.policies.Fixed(ᾱ)``) for a final static
-    run, the DoReMi workflow.
+    and ``α`` is used as the sampling proportions. The time average over the ``T`` updates so far is
+    :attr:`average_proportions`: ``ᾱ = (1/(T+1))·Σ_{t=0..T} α_t`` with the initial weights ``α_0`` included (the
+    official code, sangmichaelxie/doremi, averages from its initial weights; ``average_initial=True``), or
+    ``(1/T)·Σ_{t=1..T} α_t`` (the paper's formula; ``average_initial=False``). Export it
+    (``odm.policies.Fixed(ᾱ)``) for a final static run, the DoReMi workflow.
 
     NOTE: the paper takes the mean over a domain's tokens of ``max(ℓ_θ − ℓ_ref, 0)``; the mixer reduces losses
     to per-domain sums, so this is the clipped difference of the means (equal when every token's excess has the
@@ -67,6 +69,7 @@ class DoReMi(Policy):
             a lookup into a reference run's loss curve. When an update carries ``stats.reference_loss`` (the
             reference model's mean loss on the same samples), that takes precedence.
         prior: initial weights (default uniform).
+        average_initial: include ``α_0`` in :attr:`average_proportions` (default True, as the official code).
 
     Raises:
         TypeError: without ``reference``, or when it is neither a sequence of numbers nor a callable.
@@ -88,8 +91,10 @@ class DoReMi(Policy):
         smoothing: float = 1e-3,
         reference: Reference | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
+        average_initial: bool = True,
     ) -> None:
         super().__init__()
+        self.average_initial = bool(average_initial)
         if isinstance(eta, bool) or not isinstance(eta, int | float) or not (np.isfinite(eta) and eta > 0):
             raise ValueError(f"`eta` must be a finite number > 0, got {eta!r}")
         if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing <= 1:
@@ -123,6 +128,7 @@ class DoReMi(Policy):
         if self._ref is not None and len(self._ref) != num_domains:
             raise ValueError(f"`reference` has {len(self._ref)} entries but the mixer has {num_domains} domains")
         self._p = self.prior.copy() if self.prior is not None else np.full(num_domains, 1.0 / num_domains)
+        self._alpha0 = self._p.copy()
         self._excess = np.zeros(num_domains)
         self._alpha_sum = np.zeros(num_domains)
         self._num_updates = 0
@@ -146,9 +152,12 @@ class DoReMi(Policy):
 
     @property
     def average_proportions(self) -> np.ndarray:
-        """``ᾱ``, the mean of the weights over all updates (the initial weights before the first update)."""
+        """``ᾱ``, the mean of the weights over all updates, ``α_0`` included when ``average_initial`` (the
+        initial weights before the first update)."""
         if self._num_updates == 0:
             return self.proportions
+        if self.average_initial:
+            return (self._alpha_sum + self._alpha0) / (self._num_updates + 1)
         return self._alpha_sum / self._num_updates
 
     def _reference(self, stats: DomainStats) -> np.ndarray:

@@ -12,13 +12,17 @@ Two variants, chosen by ``variant=`` (ALGORITHMS.md, "ODM"):
 Both share ``ε_t = min(1/K, sqrt(ln K / (K·t)))``: while ``ε_t = 1/K`` (``t ≤ K·ln K``) the policy is exactly
 uniform.
 
-Granularity: the paper pulls one domain per micro-batch. Here a domain is *pulled* in an update when it has
-samples in it (``count_i > 0``), which covers batch and sample granularity alike. The paper variant's
-importance-weighted loss is ``L̂_i = S_i / (N·π_t(i))`` (``S_i`` the domain's loss sum, ``N`` all samples of the
-update): with one micro-batch per update that is exactly the paper's ``L_i / π_t(i)``; with ``m``
-micro-batches it is the paper's sum over them divided by ``m`` (a constant rescaling); with per-sample mixing
-it is an unbiased estimate of the domain's mean loss (``E[S_i] = N·π_i·L_i``). The released variant uses the
-domain's mean loss ``S_i / count_i``.
+Granularity: the paper pulls one domain per micro-batch and, in an update of ``G`` micro-batches (gradient
+accumulation), adds up the rewards ``L/π_t(i)`` of every micro-batch drawn from domain ``i``: the reward of an
+update is ``Σ_{micro-batches of i} L_b / π_t(i)``. Here a domain is *pulled* in an update when it has samples in
+it (``count_i > 0``), which covers batch and sample granularity alike, and each micro-batch contributes its
+share of domain ``i`` (``S_{b,i}/N_b``) times that share's mean loss. With ``G = stats.num_batches`` micro-batches
+of equal size ``N/G`` this sums to ``L̂_i = G·S_i / (N·π_t(i))`` (``S_i`` the domain's loss sum over the
+update, ``N`` all samples of the update). With one-domain micro-batches that is exactly the paper's sum; with
+per-sample mixing it is ``G`` times an unbiased estimate of the domain's mean loss over ``π_t(i)``
+(``E[S_i] = N·π_i·L_i``). The policy's step size is fixed by the ε schedule (it is not scale-invariant), so
+``G`` matters: the paper's runs use ``G = 8``. The released variant uses the domain's mean loss ``S_i / count_i``
+(no ``G``).
 """
 
 from __future__ import annotations
@@ -58,18 +62,20 @@ def odm_paper_update(
     proportions: np.ndarray,
     step: int,
     alpha: float,
+    num_batches: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper variant of one ODM update (Albalak et al. 2023, Algorithm 1).
 
-    ``R̂_i ← α·R̂_i + (1−α)·S_i/(N·π_t(i))`` for domains with ``count_i > 0`` (others keep ``R̂_i``), then
+    ``R̂_i ← α·R̂_i + (1−α)·G·S_i/(N·π_t(i))`` for domains with ``count_i > 0`` (others keep ``R̂_i``), with
+    ``G = num_batches`` (the micro-batches of the update: the paper sums one reward per micro-batch), then
     ``π_{t+1} = (1 − K·ε_{t+1})·softmax(ε_t·R̂) + ε_{t+1}`` with ``t = step``.
 
     Returns:
         ``(estimates, proportions)``.
     """
     k = estimates.shape[0]
-    # S_i / (N·π_i) = mean_i · share_i / π_i (see importance_estimates), in one division
-    weighted = loss_sum / (count.sum() * np.maximum(proportions, MIN_PROPORTION))
+    # G·S_i / (N·π_i) = Σ over the G micro-batches of share_{b,i}·mean_{b,i} / π_i, in one division
+    weighted = loss_sum * (num_batches / count.sum()) / np.maximum(proportions, MIN_PROPORTION)
     new = np.where(count > 0, alpha * estimates + (1.0 - alpha) * weighted, estimates)
     logits = exploration_rate(step, k) * new
     w = np.exp(logits - logits.max())
@@ -165,7 +171,13 @@ class ODM(Policy):
             return
         if self.variant == "paper":
             self._estimates, self._p = odm_paper_update(
-                self._estimates, stats.loss_sum, stats.count, stats.proportions, stats.step, self.alpha
+                self._estimates,
+                stats.loss_sum,
+                stats.count,
+                stats.proportions,
+                stats.step,
+                self.alpha,
+                stats.num_batches,
             )
         else:
             self._estimates, self._p = odm_released_update(

@@ -10,9 +10,13 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["ALPHA_MAX", "fit_power_law", "power_law", "savgol_smooth"]
+__all__ = ["ALPHA_MAX", "A_MAX", "E_MIN", "fit_penalty", "fit_power_law", "power_law", "savgol_smooth"]
 
 ALPHA_MAX = 0.8  # bound on the fitted exponent
+# The authors' fit adds the hinge penalties max(a − 6.5, 0) + max(0.5 − E, 0) to the summed Huber loss
+# (yidingjiang/ado, `loss_fn`): the law's scale e^a stays below e^6.5 and its irreducible loss e^E above e^0.5.
+A_MAX = 6.5
+E_MIN = 0.5
 
 
 def power_law(params: np.ndarray, n: np.ndarray | float) -> np.ndarray:
@@ -27,6 +31,11 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     return m * (ar - 0.5 * m)
 
 
+def fit_penalty(params: np.ndarray) -> np.ndarray:
+    """The authors' hinge penalties ``max(a − 6.5, 0) + max(0.5 − E, 0)`` for ``params[..., :] = (a, E, α)``."""
+    return np.maximum(params[..., 0] - A_MAX, 0.0) + np.maximum(E_MIN - params[..., 1], 0.0)
+
+
 def fit_power_law(
     n: np.ndarray,
     loss: np.ndarray,
@@ -36,6 +45,7 @@ def fit_power_law(
     num_alphas: int = 17,
     num_starts: int = 2,
     num_iters: int = 100,
+    penalties: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fits ``log L ≈ log(e^E + e^a·n^{−α})`` per row of ``loss`` with a Huber loss, ``α ∈ [0, 0.8]``.
 
@@ -52,6 +62,11 @@ def fit_power_law(
         num_alphas: size of the exponent grid of initialisations.
         num_starts: initialisations refined per domain.
         num_iters: most refinement iterations (a run stops once it gains under 1e-10, relative, twice).
+        penalties: the authors' hinge penalties ``max(a − 6.5, 0) + max(0.5 − E, 0)`` (:func:`fit_penalty`),
+            applied as the bounds ``a ≤ 6.5``, ``E ≥ 0.5``: the hinges have slope 1 and the Huber sum's gradient
+            is at most ``δ·T`` for ``T`` points, so for ``δ·T < 1`` (fewer than 1000 points at the default δ)
+            the penalised optimum lies on the bounds and the two fits agree. An irreducible loss below
+            ``e^0.5 ≈ 1.65`` nats is then fitted as ``e^0.5``.
 
     Returns:
         ``(params, ok)``: ``(K, 3)`` rows ``(a, E, α)`` and a ``(K,)`` mask of the finite fits (a row with fewer
@@ -87,6 +102,11 @@ def fit_power_law(
     c1 = np.maximum(c1, 1e-3 * scale)
     c2 = np.maximum(c2, 1e-3 * scale)
     grid = np.stack([np.log(c2), np.log(c1), np.broadcast_to(alphas, c1.shape)], axis=-1)  # (K, G, 3)
+    # Box of (a, E, α). The authors' hinges have slope 1 while the gradient of the Huber sum is at most
+    # δ·T (T points, |∂f| ≤ 1 for a and E), so for δ·T < 1 their optimum lies on the box: they act as bounds.
+    lo = np.array([-np.inf, E_MIN if penalties else -np.inf, 0.0])
+    hi = np.array([A_MAX if penalties else np.inf, np.inf, ALPHA_MAX])
+    grid = np.clip(grid, lo, hi)
 
     def residuals(theta: np.ndarray, yr: np.ndarray, wr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # f = log(e^u + e^E) = E + softplus(u − E), u = a − α·log n;  s1 = ∂f/∂a = sigmoid(u − E).
@@ -133,7 +153,7 @@ def fit_power_law(
         diag = np.diagonal(h, axis1=1, axis2=2)
         damp = h + (la[:, None, None] * (diag[:, :, None] + 1e-12)) * eye + 1e-12 * eye
         cand = th - np.linalg.solve(damp, g[..., None])[..., 0]
-        cand[:, 2] = np.clip(cand[:, 2], 0.0, ALPHA_MAX)
+        cand = np.clip(cand, lo, hi)
         with np.errstate(over="ignore", invalid="ignore"):
             cr, cs1, cobj = residuals(cand, yr[act], wr[act])
         better = np.isfinite(cobj) & (cobj < obj[act])

@@ -76,7 +76,8 @@ class SkillIt(Policy):
     Every ``eval_every`` updates the policy asks for a held-out evaluation (:meth:`wants_eval`); the
     proportions are recomputed from the last ``window`` evaluations (non-cumulative: only the window counts).
     ``A[i, j]`` says how much training on domain ``i`` lowers domain ``j``'s held-out loss, so a domain scores
-    high when it helps domains whose loss is still high. Before the first evaluation ``p = p0``.
+    high when it helps domains whose loss is still high. Before the first evaluation ``p ∝ p0 ⊙ exp(η·A·1)``
+    (every loss taken as 1, as the authors' code starts).
 
     Args:
         graph: the ``(K, K)`` skills graph; default the identity (each domain helps only itself). Estimate one
@@ -131,7 +132,8 @@ class SkillIt(Policy):
             raise ValueError(f"`graph` is {self.graph.shape[0]}x{self.graph.shape[0]}, the mixer has {num_domains}")
         self._graph = self.graph if self.graph is not None else np.eye(num_domains)
         self._p0 = self.prior if self.prior is not None else np.full(num_domains, 1.0 / num_domains)
-        self._p = self._p0.copy()
+        # Before any evaluation the authors' code uses a loss of 1 for every domain: p ∝ p0 ⊙ exp(η·A·1).
+        self._p = skillit_proportions(self._p0, self._graph, np.ones((1, num_domains)), self.eta)
         self._evals: deque[np.ndarray] = deque(maxlen=self.window)
 
     def _get_state(self) -> dict[str, Any]:

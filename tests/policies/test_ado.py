@@ -128,11 +128,12 @@ def test_sampling_distribution_follows_the_spec_formula_on_a_hand_checked_case()
     assert rho[2] < 0.01
     free = rho[0] + rho[1]
     rho = [rho[0] * 0.99 / free, rho[1] * 0.99 / free, 0.01]
-    pi_bar = [pb + (r - pb) / 11 for pb, r in zip([0.4, 0.3, 0.3], rho)]
-    expected = [0.9 * pb + 0.1 * r for pb, r in zip(pi_bar, rho)]
+    expected = [0.9 * pb + 0.1 * r for pb, r in zip([0.4, 0.3, 0.3], rho)]  # the authors' order: the old mean
+    pi_bar = [pb + (r - pb) / 11 for pb, r in zip([0.4, 0.3, 0.3], rho)]  # then the mean takes ρ in
     np.testing.assert_allclose(policy.credit_share, h, rtol=1e-12)
     np.testing.assert_allclose(policy.score, rho, rtol=1e-12)
     np.testing.assert_allclose(policy.proportions, expected, rtol=1e-12)
+    np.testing.assert_allclose(policy.state_dict()["state"]["pi_bar"], pi_bar, rtol=1e-12)
 
 
 def _simulate(policy, true, num_updates, *, batch=64, noise=0.005, seed=0):
@@ -151,7 +152,7 @@ def _simulate(policy, true, num_updates, *, batch=64, noise=0.005, seed=0):
 @pytest.mark.slow
 def test_policy_recovers_the_curves_it_is_trained_on_and_favours_the_fastest_learner():
     true = np.array([[1.0, 0.5, 0.3], [3.0, 0.3, 0.4], [0.5, 1.0, 0.2]])
-    policy = _simulate(ADO(start_step=500, update_interval=500).bind(3), true, 3000)
+    policy = _simulate(ADO(start_step=500, update_interval=500, fit_penalties=False).bind(3), true, 3000)
     n = np.array([1e4, 1e5, 64 * 3000])
     fitted = power_law(policy.params[:, None, :], n)
     np.testing.assert_allclose(fitted, power_law(true[:, None, :], n), rtol=0.01)

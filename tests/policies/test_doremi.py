@@ -26,8 +26,9 @@ def _slow_doremi(steps, reference, eta, c, k):
         total = sum(w)
         alpha = [(1 - c) * x / total + c / k for x in w]
         history.append(alpha)
-    average = [sum(h[i] for h in history) / len(history) for i in range(k)]
-    return alpha, average
+    average = [sum(h[i] for h in history) / len(history) for i in range(k)]  # the paper: α_1 … α_T
+    with_initial = [(1 / k + sum(h[i] for h in history)) / (len(history) + 1) for i in range(k)]  # official code
+    return alpha, average, with_initial
 
 
 def _random_steps(rng, k, num):
@@ -68,8 +69,10 @@ def test_matches_the_slow_reference_on_random_inputs(seed, source):
         policy = DoReMi(eta, smoothing=c, reference=[100.0] * k)
         ref = curve
         _feed(policy, steps, reference_loss=lambda t: np.array(curve(t)))
-    alpha, average = _slow_doremi(steps, ref, eta, c, k)
+    alpha, average, with_initial = _slow_doremi(steps, ref, eta, c, k)
     np.testing.assert_allclose(policy.proportions, alpha, rtol=1e-10)
+    np.testing.assert_allclose(policy.average_proportions, with_initial, rtol=1e-10)
+    policy.average_initial = False
     np.testing.assert_allclose(policy.average_proportions, average, rtol=1e-10)
 
 

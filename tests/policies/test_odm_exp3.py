@@ -24,23 +24,45 @@ def reference_eps(t: int, k: int) -> float:
 
 
 class ReferencePaper:
-    """Algorithm 1 of the paper, one domain at a time in Python floats."""
+    """Algorithm 1 of the paper, one micro-batch and one domain at a time in Python floats.
+
+    ``update`` takes the update's micro-batches (per-domain loss sums and counts, all of one size) and adds
+    ``share·mean/π`` of every micro-batch to the domain's reward: a one-domain micro-batch adds ``L/π_t(i)``.
+    """
 
     def __init__(self, k: int, alpha: float) -> None:
         self.k, self.alpha, self.rewards = k, alpha, [0.0] * k
 
-    def update(self, stats: DomainStats) -> list[float]:
-        k, t = self.k, stats.step
-        total = sum(stats.count)
+    def update(self, micro: list[tuple[np.ndarray, np.ndarray]], proportions: np.ndarray, t: int) -> list[float]:
+        k = self.k
+        summed = [0.0] * k
+        for loss_sum, count in micro:
+            size = sum(count)
+            for i in range(k):
+                if count[i] > 0:
+                    summed[i] += (loss_sum[i] / count[i]) * (count[i] / size) / proportions[i]
         for i in range(k):
-            if stats.count[i] > 0:
-                mean = stats.loss_sum[i] / stats.count[i]
-                weighted = mean * (stats.count[i] / total) / stats.proportions[i]  # L_i / π_t(i) for one pull
-                self.rewards[i] = self.alpha * self.rewards[i] + (1 - self.alpha) * weighted
+            if any(count[i] > 0 for _, count in micro):
+                self.rewards[i] = self.alpha * self.rewards[i] + (1 - self.alpha) * summed[i]
         lr, eps = reference_eps(t, k), reference_eps(t + 1, k)
         top = max(lr * r for r in self.rewards)
         w = [math.exp(lr * r - top) for r in self.rewards]
         return [(1 - k * eps) * wi / sum(w) + eps for wi in w]
+
+
+def draw_micro_batches(
+    rng: np.random.Generator, p: np.ndarray, g: int, granularity: str, size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``g`` micro-batches of ``size`` samples: one domain each (``"batch"``) or a per-sample mix."""
+    out = []
+    for _ in range(g):
+        if granularity == "batch":
+            count = np.zeros(len(p))
+            count[rng.choice(len(p), p=p)] = size
+        else:
+            count = rng.multinomial(size, p).astype(np.float64)
+        out.append((count * rng.uniform(0.0, 8.0, len(p)), count))
+    return out
 
 
 class ReferenceReleased:
@@ -67,12 +89,32 @@ def test_paper_variant_matches_the_reference_loop(seed: int, granularity: str) -
     rng = np.random.default_rng(seed)
     k = int(rng.integers(2, 12))
     alpha = float(rng.uniform(0.05, 0.95))
+    g = int(rng.integers(1, 9))  # micro-batches per update (the paper: 8)
     policy = ODM("paper", alpha=alpha).bind(k)
     reference = ReferencePaper(k, alpha)
     for t in range(1, 301):
-        stats = draw_stats(rng, policy.proportions, t, granularity, scale=8.0)
-        policy.update(stats)
-        np.testing.assert_allclose(policy.proportions, reference.update(stats), rtol=1e-10, atol=1e-13)
+        p = policy.proportions
+        micro = draw_micro_batches(rng, p, g, granularity, size=int(rng.integers(1, 9)))
+        loss_sum = sum(m[0] for m in micro)
+        count = sum(m[1] for m in micro)
+        policy.update(DomainStats(loss_sum=loss_sum, count=count, proportions=p, step=t, num_batches=g))
+        np.testing.assert_allclose(policy.proportions, reference.update(micro, p, t), rtol=1e-10, atol=1e-13)
+
+
+def test_paper_variant_moves_further_with_more_micro_batches_per_update() -> None:
+    """The reward is a sum over micro-batches, so G = 8 one-domain micro-batches move the policy further than
+    the same statistics reported as one micro-batch (the bug this guards against divided the sum by G)."""
+    k = 4
+    losses = np.array([5.0, 3.0, 2.0, 1.0])
+    spread = {}
+    for g in (1, 8):
+        policy = ODM("paper").bind(k)
+        for t in range(1, 2001):
+            count = np.full(k, 2.0 * g)  # G micro-batches of 8 samples, 2 per domain in each
+            stats = DomainStats(count * losses, count, policy.proportions, step=t, num_batches=g)
+            policy.update(stats)
+        spread[g] = policy.proportions.max() / policy.proportions.min()
+    assert spread[8] > spread[1] ** 4
 
 
 @pytest.mark.parametrize("granularity", ["batch", "sample"])

@@ -51,12 +51,16 @@ def test_matches_the_slow_reference_on_random_inputs(seed):
     np.testing.assert_allclose(policy.proportions, _slow_skillit(seen, graph, prior, eta, window), rtol=1e-10)
 
 
-def test_asks_for_an_evaluation_every_eval_every_updates_and_keeps_p0_until_the_first():
-    policy = SkillIt(eta=1.0, eval_every=5, prior=[0.2, 0.8])
+def test_asks_for_an_evaluation_every_eval_every_updates_and_starts_from_unit_losses():
+    graph = [[1.0, 0.5], [0.0, 1.0]]
+    policy = SkillIt(graph, eta=1.0, eval_every=5, prior=[0.2, 0.8])
     assert [t for t in range(1, 21) if policy.wants_eval(t)] == [5, 10, 15, 20]
+    start = _slow_skillit([[1.0, 1.0]], graph, [0.2, 0.8], 1.0, 1)  # p0 ⊙ exp(η·A·1), the authors' start
+    np.testing.assert_allclose(policy.proportions, start, rtol=1e-12)
+    assert abs(start[0] - 0.2) > 0.05  # A·1 = (1.5, 1): not p0
     for t in range(1, 5):
         policy.update(_stats(2, t))
-    np.testing.assert_allclose(policy.proportions, [0.2, 0.8])
+    np.testing.assert_allclose(policy.proportions, start, rtol=1e-12)
 
 
 def test_only_the_last_window_evaluations_count():
