@@ -173,7 +173,11 @@ def remap_mixer_state(state: Mapping[str, Any], *, domains: Sequence[str], polic
     ]
     out["schedule"] = schedule
     zero = np.zeros(len(new))
-    out["history"] = [(s, remap_proportions(p, old, new, zero).tolist()) for s, p in state["history"]]
+    history = state["history"]
+    if isinstance(history, Mapping):  # {"steps", "rows", …}
+        out["history"] = {**history, "rows": [remap_proportions(p, old, new, zero).tolist() for p in history["rows"]]}
+    else:  # [(step, proportions), …]
+        out["history"] = [(s, remap_proportions(p, old, new, zero).tolist()) for s, p in history]
     out["override"] = None
     out["pending"] = None
     return out
