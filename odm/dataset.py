@@ -282,6 +282,7 @@ class MixtureIterator:
         ]
         self.active = np.ones(dataset.num_domains, dtype=bool)
         self._num_active = dataset.num_domains  # mirrors active.sum(): checked on every batch
+        self._active_row = [1] * dataset.num_domains  # mirrors active, as the ints of the stream row
         # k: this slot's next batch is global batch k * num_slots + slot (the first one at or after `start`).
         self.local_batch = max(0, (start - slot + num_slots - 1) // num_slots)
         self.finished = False
@@ -293,6 +294,8 @@ class MixtureIterator:
         self._cdf_key: tuple[bytes, int] = (b"", -1)
         self._cdf = np.ones(dataset.num_domains)
         self._arange = np.arange(dataset.batch_size)
+        self._row: tuple[np.ndarray, int] = (np.ones(dataset.num_domains), 0)
+        self._row_count = -1  # the schedule's row count when self._row was the newest row, else -1
         if dataset.resume is not None:
             self._load_row(dataset.resume[1 + slot].numpy())
 
@@ -305,6 +308,7 @@ class MixtureIterator:
             s.epoch, s.position, s._it = e, pos, None
         self.active = np.asarray(state.active, dtype=bool)
         self._num_active = int(self.active.sum())
+        self._active_row = self.active.astype(int).tolist()
 
     def state(self, next_batch: int) -> StreamRow:
         """This slot's stream state before global batch ``next_batch``."""
@@ -314,8 +318,10 @@ class MixtureIterator:
         )
 
     def state_row(self, next_batch: int) -> list[int]:
-        """This slot's stream state as one flat row (:meth:`StreamRow.pack`)."""
-        return self.state(next_batch).pack()
+        """This slot's stream state as one flat row: ``self.state(next_batch).pack()``, built directly (it
+        travels with every batch)."""
+        streams = self.streams
+        return [next_batch, *[s.epoch for s in streams], *[s.position for s in streams], *self._active_row]
 
     # -- iteration -------------------------------------------------------------------------------------------
     def __iter__(self) -> MixtureIterator:
@@ -335,18 +341,19 @@ class MixtureIterator:
             batch = self.ds.collate_fn(samples)
         except Exception as err:
             raise self._collate_error(b, samples, ids, err) from err
+        attach = self.ds.attach_state
         # NOTE: under MixtureLoader the ids travel as numpy and become a tensor in the main process: a torch
         # tensor sent from a worker gets its own shared-memory segment (~1 ms per batch for 64 ids).
-        domain = ids if self.ds.attach_state else torch.from_numpy(ids)
-        if isinstance(batch, Mapping):
+        domain = ids if attach else torch.from_numpy(ids)
+        if type(batch) is not list and isinstance(batch, Mapping):  # (the type test skips the slow ABC check)
             batch = dict(batch)
             if "domain" in batch or "mix_step" in batch:
                 raise ValueError("samples must not carry the keys 'domain' or 'mix_step': odm adds them")
+            batch["domain"] = domain
+            batch["mix_step"] = b
         else:
-            batch = {"data": batch}
-        batch["domain"] = domain
-        batch["mix_step"] = b
-        if self.ds.attach_state:
+            batch = {"data": batch, "domain": domain, "mix_step": b}
+        if attach:
             batch[STATE_KEY] = {"slot": self.slot, "row": self.state_row(b + 1)}
         return batch
 
@@ -389,10 +396,26 @@ class MixtureIterator:
         self._bitgen.state = state
         return self._gen
 
+    def _lookup(self, b: int) -> tuple[np.ndarray, int]:
+        """The schedule row in force for batch ``b`` as ``(proportions, mode)``.
+
+        NOTE: the newest row applies to every later batch until the next publish, so while the row count is
+        unchanged a batch after one that found the newest row reuses it (one shared-memory read instead of a
+        scan and a copy). Rows are only appended, and an iterator never goes back.
+        """
+        schedule = self.ds.schedule
+        count = schedule.num_rows
+        if count == self._row_count:
+            return self._row
+        p, mode, i = schedule.lookup(b)
+        self._row = (p, mode)
+        self._row_count = count if i == count - 1 else -1
+        return self._row
+
     def _make(self, b: int) -> tuple[list[Any], np.ndarray]:
         if not self._num_active:
             raise _Exhausted
-        p, mode, _ = self.ds.schedule.lookup(b)
+        p, mode = self._lookup(b)
         gen = self._generator(b)
         bs = self.ds.batch_size
         q = self._proportions(p)
@@ -418,9 +441,22 @@ class MixtureIterator:
         counts = np.bincount(ids, minlength=self.ds.num_domains).tolist()
         # Fast path: every domain's items in domain order into one list, then scattered back to the drawn order.
         flat: list[Any] = []
+        extend = flat.extend
         streams = self.streams
         for d, c in enumerate(counts):
-            if c and streams[d].extend(flat, c) < c:
+            if not c:
+                continue
+            # _DomainStream.extend, inlined: this loop runs K times per batch.
+            stream = streams[d]
+            it = stream._it if stream._it is not None else stream.iterator()
+            before = len(flat)
+            try:
+                extend(islice(it, c))
+            except Exception as err:
+                raise stream.error(err, stream.position + len(flat) - before) from err
+            got = len(flat) - before
+            stream.position += got
+            if got < c:
                 return self._fill_short(ids, gen, p, counts, flat, d)
         n = len(ids)
         if n != len(self._arange):
@@ -492,6 +528,7 @@ class MixtureIterator:
                 )
             if self.ds.exhausted == "drop" or not stream.next_pass():
                 self.active[d] = False
+                self._active_row[d] = 0
                 self._num_active -= 1
                 return items
             stream.extend(items, n - len(items))

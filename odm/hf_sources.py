@@ -93,6 +93,10 @@ class HFIterableSource(Source):
         """The dataset's own number of shards."""
         return int(getattr(self.dataset, "num_shards", None) or self.dataset.n_shards)
 
+    def is_strided(self, num_shards: int) -> bool:
+        """Only with fewer of its own shards than odm's (otherwise each odm shard reads whole HF shards)."""
+        return self.num_hf_shards < num_shards
+
     def open(self, *, shard: int, num_shards: int, epoch: int, start: int, seed: int) -> Iterator[Any]:
         own = self.num_hf_shards >= num_shards
 

@@ -32,6 +32,11 @@ How each source shards, passes and resumes (``n`` shards):
 * :class:`JsonlSource`, :class:`TextSource`: every ``n``-th non-empty line of the concatenated files; same
   order every pass; resume seeks through a sparse line index (O(1) after one scan).
 
+Most sources are *strided* (:meth:`Source.is_strided`): shard ``s`` of ``n`` reads items ``s, s + n, …`` of
+one pass order that depends only on ``(seed, pass)``, so a stream position means the same set of samples on
+any topology. Whole-file sharding (webdataset tars, Hugging Face shards, when there are at least ``n``) and
+self-sharding objects are not.
+
 Refused, with the fix in the message: a one-shot iterator (a generator object), a ``set`` (its order differs
 between processes: pass ``sorted(s)``), a ``dict`` (iterating it yields its keys: pass ``list(d.values())``),
 a string.
@@ -92,6 +97,15 @@ class Source(ABC):
         """Number of samples in one pass over the whole source, if known cheaply (for ``Natural``)."""
         return None
 
+    def is_strided(self, num_shards: int) -> bool:
+        """Whether shard ``s`` of ``num_shards`` reads items ``s, s + n, s + 2n, …`` of one pass order that
+        depends only on ``(seed, epoch)`` (the order shard 0 of 1 reads).
+
+        Then a stream position ``p`` of shard ``s`` means exactly the pass's items ``{s + i n : i < p}`` have
+        been read, whatever the topology: what a resume on another number of workers or ranks needs.
+        """
+        return False
+
 
 # -- worker info ---------------------------------------------------------------------------------------------
 
@@ -138,7 +152,7 @@ def _skip(it: Iterator[Any], n: int) -> Iterator[Any]:
 
 # -- in-memory and Python iterables --------------------------------------------------------------------------
 
-_SLICEABLE = (list, tuple, range)
+_SLICEABLE = (list, tuple, range, np.ndarray)
 
 
 def _refuse(data: Any) -> None:
@@ -210,6 +224,9 @@ class IterableSource(Source):
         out = self.data()
         _refuse_output(out, self.data)
         return out
+
+    def is_strided(self, num_shards: int) -> bool:
+        return True
 
     def open(self, *, shard: int, num_shards: int, epoch: int, start: int, seed: int) -> Iterator[Any]:
         first = shard + start * num_shards
@@ -312,6 +329,9 @@ class MapSource(Source):
         if self.shuffles:
             return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
         return np.arange(n)
+
+    def is_strided(self, num_shards: int) -> bool:
+        return True
 
     def indices(self, *, shard: int, num_shards: int, epoch: int, seed: int) -> np.ndarray:
         """The indices shard ``shard`` of ``num_shards`` reads in pass ``epoch``."""
@@ -541,6 +561,10 @@ class WebDatasetSource(Source):
         return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
     # -- reading ---------------------------------------------------------------------------------------------
+    def is_strided(self, num_shards: int) -> bool:
+        """Only with fewer tars than shards and no sample buffer (whole tars per shard are not a stride)."""
+        return len(self.urls) < num_shards and self.buffer <= 1
+
     def tar_order(self, *, epoch: int, seed: int) -> list[int]:
         """The order in which pass ``epoch`` reads the tars (indices into ``urls``)."""
         if not self.shuffle_shards or len(self.urls) < 2:
@@ -617,6 +641,9 @@ class _LineFiles(Source):
                     pos += len(line)
             self._index[i] = (n, np.asarray(offsets, dtype=np.int64))
         return self._index[i]
+
+    def is_strided(self, num_shards: int) -> bool:
+        return True
 
     def size_hint(self) -> int | None:
         """Number of non-empty lines of all files (one scan, cached)."""

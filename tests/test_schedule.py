@@ -90,7 +90,7 @@ def test_schedule_rejects_bad_construction_arguments():
         ProportionSchedule(0)
     with pytest.raises(ValueError, match="capacity"):
         ProportionSchedule(2, capacity=1)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match=r"`effective_from` must be an integer >= 0, got -1"):
         ProportionSchedule(2).publish([1, 1], effective_from=-1)
 
 
@@ -101,4 +101,4 @@ def test_state_round_trip_keeps_every_row_bit_for_bit():
         s.publish(rng.dirichlet(np.ones(5)) * rng.uniform(0.1, 10), effective_from=b)
     t = ProportionSchedule(5, capacity=512)
     t.load_state_dict(s.state_dict())
-    assert [(e, m, p.tobytes()) for e, m, p in t.rows()] == [(e, m, p.tobytes()) for e, m, p in s.rows()]
+    assert [(e, m, p.tobytes()) for p, m, e in t.rows()] == [(e, m, p.tobytes()) for p, m, e in s.rows()]

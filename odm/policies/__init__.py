@@ -8,23 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from odm.policies import ado, aioli, bandits, doremi, odm_exp3, prior, scheduled, skillit, ucb
+from odm.policies import ado, aioli, bandits, doremi, dynamix, odm_exp3, prior, scheduled, skillit, ucb, velocitune
 from odm.policies.ado import *  # noqa: F403 (ADO)
 from odm.policies.aioli import *  # noqa: F403 (Aioli)
 from odm.policies.bandits import *  # noqa: F403 (EXP3, EXP3S)
 from odm.policies.base import EVAL_LOSS, REFERENCE_LOSS, TRAIN_LOSS, DomainStats, Policy, check_proportions
 from odm.policies.constraints import Constraints
 from odm.policies.doremi import *  # noqa: F403 (DoReMi)
+from odm.policies.dynamix import *  # noqa: F403 (DynamixSFT)
 from odm.policies.odm_exp3 import *  # noqa: F403 (ODM)
 from odm.policies.prior import *  # noqa: F403 (EntropyPrior)
 from odm.policies.scheduled import *  # noqa: F403 (Scheduled)
 from odm.policies.skillit import *  # noqa: F403 (SkillIt)
 from odm.policies.static import Fixed, Natural, Temperature, Uniform
 from odm.policies.ucb import *  # noqa: F403 (UCB1, DiscountedUCB, SlidingWindowUCB)
+from odm.policies.velocitune import *  # noqa: F403 (Velocitune)
 
 # Each family module (one file per family, see ARCHITECTURE.md) lists its public policies in __all__; the
 # registry below finds every Policy subclass with a `name`, so a new policy needs no edit here.
-_FAMILIES = (bandits, odm_exp3, ucb, prior, scheduled, aioli, ado, doremi, skillit)
+_FAMILIES = (bandits, odm_exp3, ucb, prior, scheduled, aioli, ado, doremi, skillit, dynamix, velocitune)
 
 __all__ = [
     *(name for module in _FAMILIES for name in module.__all__),

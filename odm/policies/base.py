@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from odm._checks import is_int
+
 __all__ = ["EVAL_LOSS", "REFERENCE_LOSS", "TRAIN_LOSS", "DomainStats", "Policy", "check_proportions"]
 
 # Signals a policy may require (``Policy.requires``).
@@ -134,7 +136,8 @@ def check_proportions(p: Any, num_domains: int | None = None, *, name: str = "pr
         raise TypeError(f"`{name}` must be a sequence of numbers, got {p!r}") from err
     if arr.ndim == 1 and arr.size and (num_domains is None or arr.shape[0] == num_domains):
         # Fast path (one publish per step): NaN fails `min >= 0`, inf fails `total < inf`.
-        total = arr.sum()
+        with np.errstate(over="ignore"):  # huge finite entries overflow the sum: the slow path rescales them
+            total = arr.sum()
         if arr.min() >= 0 and 0 < total < np.inf:
             return arr / total
     if arr.ndim != 1:
@@ -145,10 +148,11 @@ def check_proportions(p: Any, num_domains: int | None = None, *, name: str = "pr
         raise ValueError(f"`{name}` must be finite, got {p!r}")
     if np.any(arr < 0):
         raise ValueError(f"`{name}` must be non-negative, got {p!r}")
-    total = arr.sum()
-    if total <= 0:
+    if not arr.max() > 0:
         raise ValueError(f"`{name}` must not be all zero, got {p!r}")
-    return arr / total
+    # Scaled by the largest entry first: the sum of huge finite entries ([1e308, 1e308]) overflows to inf.
+    arr = arr / arr.max()
+    return arr / arr.sum()
 
 
 class Policy(ABC):
@@ -190,7 +194,7 @@ class Policy(ABC):
         Raises:
             ValueError: if already bound to another number of domains, or ``num_domains < 1``.
         """
-        if not isinstance(num_domains, int | np.integer) or num_domains < 1:
+        if not is_int(num_domains) or num_domains < 1:
             raise ValueError(f"`num_domains` must be a positive integer, got {num_domains!r}")
         if self._num_domains is not None:
             if self._num_domains != num_domains:

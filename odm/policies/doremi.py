@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_float
 from odm.policies.base import TRAIN_LOSS, DomainStats, Policy, check_proportions
 
 __all__ = ["DoReMi", "doremi_step"]
@@ -95,10 +96,8 @@ class DoReMi(Policy):
     ) -> None:
         super().__init__()
         self.average_initial = bool(average_initial)
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not (np.isfinite(eta) and eta > 0):
-            raise ValueError(f"`eta` must be a finite number > 0, got {eta!r}")
-        if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing <= 1:
-            raise ValueError(f"`smoothing` must be a number in [0, 1], got {smoothing!r}")
+        eta = check_float(eta, "eta", low=0, low_open=True)
+        smoothing = check_float(smoothing, "smoothing", low=0, high=1)
         if reference is None:
             raise TypeError(
                 "DoReMi needs reference losses: pass `reference=` per-domain values (a reference model's mean "

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_int
 from odm.policies.bandits import MIN_PROPORTION, check_choice, check_open_unit, usable_stats
 from odm.policies.base import DomainStats, Policy, check_proportions
 
@@ -152,9 +153,7 @@ class ODM(Policy):
         super().__init__()
         self.variant = check_choice("variant", variant, VARIANTS)
         self.alpha = DEFAULT_ALPHA[self.variant] if alpha is None else check_open_unit("alpha", alpha)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be a non-negative integer, got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
         self._initial = None if initial is None else check_proportions(initial, name="initial")
         if self._initial is not None:
             self.bind(len(self._initial))

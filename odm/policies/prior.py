@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_int
 from odm.policies.base import DomainStats, Policy, check_proportions
 
 __all__ = ["EntropyPrior", "conditional_entropy"]
@@ -102,8 +103,7 @@ class EntropyPrior(Policy):
         order: int = 1,
     ) -> None:
         super().__init__()
-        if isinstance(order, bool) or not isinstance(order, int) or order < 0:
-            raise ValueError(f"`order` must be a non-negative integer, got {order!r}")
+        order = check_int(order, "order", low=0)
         if (samples is None) == (entropies is None):
             raise TypeError("EntropyPrior needs exactly one of `samples` (per-domain samples) or `entropies`")
         if samples is not None:

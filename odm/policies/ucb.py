@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_int, check_seed
 from odm.policies.bandits import BanditPolicy, check_open_unit, check_rate, usable_stats
 from odm.policies.base import DomainStats
 
@@ -148,9 +149,7 @@ class _UCB(BanditPolicy):
         )
         self.c = check_rate("c", c)
         self.gamma = check_rate("gamma", gamma, upper=1.0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_seed(seed)
 
     def _init_state(self, num_domains: int) -> None:
         self._init_rewards(num_domains)
@@ -343,9 +342,7 @@ class SlidingWindowUCB(_UCB):
             progress_smoothing=progress_smoothing,
             scale_decay=scale_decay,
         )
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"`window` must be an integer >= 1 (updates), got {window!r}")
-        self.window = window
+        self.window = check_int(window, "window", low=1)
 
     def _init_state(self, num_domains: int) -> None:
         super()._init_state(num_domains)
