@@ -26,7 +26,17 @@ from typing import Any, NamedTuple
 
 from odm.sources import IterableSource, JsonlSource, MapSource, Source, TextSource
 
-__all__ = ["Progression", "ShardPosition", "Work", "is_strided", "open_progression", "reshard"]
+__all__ = [
+    "Progression",
+    "ShardPosition",
+    "Work",
+    "is_strided",
+    "open_progression",
+    "plans_for",
+    "plans_from_state",
+    "plans_to_state",
+    "reshard",
+]
 
 #: Source types whose shard ``s`` of ``n`` is the positions ``≡ s (mod n)`` of one pass order for every ``n``.
 STRIDED: tuple[type[Source], ...] = (IterableSource, MapSource, JsonlSource, TextSource)
@@ -123,3 +133,52 @@ def reshard(positions: Sequence[ShardPosition], num_shards: int) -> list[Work]:
         for plan in plans:
             plan.sort(key=lambda p: p.epoch)
     return [Work(tuple(plan), first_new) for plan in plans]
+
+
+def plans_for(
+    streams: Sequence[Sequence[Sequence[int]]], old_plans: Sequence[Sequence[Work]] | None, num_shards: int
+) -> list[list[Work]]:
+    """Per new shard, per domain, the :class:`Work` that resumes a loader checkpoint on ``num_shards`` shards.
+
+    Args:
+        streams: the checkpoint's stream rows ``[rank][slot] -> [next_batch, epochs(K), positions(K), …]``
+            (``next_batch == -1``: a slot that made no batch).
+        old_plans: the checkpoint's own plans per old shard (``None`` when it was not resharded itself).
+        num_shards: ``dp_world_size * num_slots`` of the new run.
+    """
+    slots = len(streams[0])
+    n_old = len(streams) * slots
+    k = (len(streams[0][0]) - 1) // 3
+    per_domain = []
+    for d in range(k):
+        positions = []
+        for rank, rows in enumerate(streams):
+            for slot, row in enumerate(rows):
+                shard = rank * slots + slot
+                work = Work((), 0) if old_plans is None else old_plans[shard][d]
+                epoch, pos = work.start() if row[0] < 0 else (int(row[1 + d]), int(row[1 + k + d]))
+                positions.append(ShardPosition(work, epoch, pos, shard, n_old))
+        per_domain.append(reshard(positions, num_shards))
+    return [[per_domain[d][s] for d in range(k)] for s in range(num_shards)]
+
+
+def plans_to_state(plans: Sequence[Sequence[Work]]) -> list[list[list[Any]]]:
+    """Plans as plain lists ``[shard][domain] -> [[[epoch, first, step], …], next_epoch]`` for a checkpoint."""
+    return [[[[list(p) for p in w.plan], w.next_epoch] for w in shard] for shard in plans]
+
+
+def plans_from_state(state: Any) -> list[list[Work]]:
+    """Inverse of :func:`plans_to_state`.
+
+    Raises:
+        ValueError: a malformed entry, naming it.
+    """
+    try:
+        return [
+            [Work(tuple(Progression(int(e), int(f), int(s)) for e, f, s in plan), int(nxt)) for plan, nxt in shard]
+            for shard in state
+        ]
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"loader state `plans` is malformed ({err}): expected [shard][domain] -> [plan, next pass]"
+        ) from err
