@@ -7,7 +7,6 @@ must count once (not once per tensor-parallel rank); and the proportions must ag
 
 from __future__ import annotations
 
-import inspect
 import json
 import socket
 from datetime import timedelta
@@ -67,10 +66,6 @@ def _rank_main(rank: int, port: int, out_dir: str, num_workers: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    "dp_rank" not in inspect.signature(odm.MixtureLoader).parameters,
-    reason="MixtureLoader(dp_rank=, dp_world_size=, process_group=) has not landed yet",
-)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_two_data_parallel_by_two_tensor_parallel_ranks(tmp_path, num_workers):
     mp.spawn(_rank_main, args=(_free_port(), str(tmp_path), num_workers), nprocs=DP * TP, join=True)
