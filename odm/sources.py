@@ -197,7 +197,9 @@ class IterableSource(Source):
     ``None``, so a torch ``IterableDataset`` that splits itself across DataLoader workers yields everything
     and is not split twice (to let a dataset shard itself, give it a ``shard(index, count)`` method: see
     :class:`ShardedSource`). Passes repeat the stream as it comes; an ``IterableDataset`` that reshuffles on
-    each ``__iter__`` reshuffles here too, and must then give the same order in every process.
+    each ``__iter__`` reshuffles here too, and must then give the same order in every process. A dataset that
+    splits itself over ranks (reading ``torch.distributed.get_rank()``) must use the ``shard(index, count)``
+    protocol instead: odm cannot hide the rank, and would split it a second time.
 
     Args:
         data: a re-iterable object or a zero-argument callable (picklable for spawn workers: a module-level
