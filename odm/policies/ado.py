@@ -3,17 +3,17 @@
 Jiang et al. 2024, "Adaptive Data Optimization: Dynamic Sample Selection with Scaling Laws". Per domain the
 smoothed training loss is fitted with ``L̂_i(n) = e^{E_i} + e^{a_i}·n^{−α_i}`` (``n`` = samples seen by the run);
 the slope of the fit, a credit for the domain's recent share of the data and the prior give the proportions.
-See ALGORITHMS.md, "ADO".
+See ``docs/algorithms.md``, "ADO".
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from odm._checks import check_choice, check_float, check_int
 from odm.policies.base import TRAIN_LOSS, DomainStats, Policy, check_proportions
 from odm.policies.scaling_law import fit_power_law, power_law, savgol_smooth
 
@@ -138,19 +138,14 @@ class ADO(Policy):
             ("max_points", max_points, 4),
             ("smoothing", smoothing, 1),
         ):
-            if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < low:
-                raise ValueError(f"`{arg}` must be an integer >= {low}, got {val!r}")
+            check_int(val, arg, low=low)
         if smoothing % 2 == 0:
             raise ValueError(f"`smoothing` must be odd (a centred window), got {smoothing!r}")
-        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor < 1):
-            raise ValueError(f"`floor` must be None or a number in [0, 1), got {floor!r}")
-        if credit not in ("sqrt", "sqrt_var"):
-            raise ValueError(f"`credit` must be 'sqrt' or 'sqrt_var', got {credit!r}")
-        if floor_rule not in ("exact", "clip"):
-            raise ValueError(f"`floor_rule` must be 'exact' or 'clip', got {floor_rule!r}")
+        check_float(floor, "floor", low=0, high=1, high_open=True, allow_none=True)
+        check_choice(credit, "credit", ("sqrt", "sqrt_var"))
+        check_choice(floor_rule, "floor_rule", ("exact", "clip"))
         self.floor_rule, self.fit_penalties = floor_rule, bool(fit_penalties)
-        if not isinstance(huber_delta, int | float) or not huber_delta > 0:
-            raise ValueError(f"`huber_delta` must be a number > 0, got {huber_delta!r}")
+        huber_delta = check_float(huber_delta, "huber_delta", low=0, low_open=True)
         self.start_step, self.update_interval, self.ignore_steps = int(start_step), int(update_interval), ignore_steps
         self._floor_arg = None if floor is None else float(floor)
         self.floor, self.credit = self._floor_arg or 0.0, credit  # a None floor is resolved at bind
@@ -235,15 +230,9 @@ class ADO(Policy):
         return n, loss
 
     def update(self, stats: DomainStats) -> None:
-        k = self.num_domains
-        if stats.num_domains != k:
-            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
-        if not (np.all(np.isfinite(stats.loss_sum)) and np.all(np.isfinite(stats.count))):
-            warnings.warn("odm: ADO skipped an update with non-finite losses or counts", RuntimeWarning, 2)
+        if not self._usable(stats):
             return
         total = float(stats.count.sum())
-        if total <= 0:
-            return
         self._updates += 1
         self._n += total
         self._h = CREDIT_DECAY * self._h + (1.0 - CREDIT_DECAY) * stats.count / total

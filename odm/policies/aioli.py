@@ -3,7 +3,7 @@
 Chen et al. 2024, "Aioli: A Unified Optimization Framework for Language Model Data Mixing". Within a round the
 held-out losses are modelled as moving linearly with the mixture, ``L^{t+1} = L^t − A·p^t``; the policy
 estimates ``A`` online with short probe phases on the live model and takes an exponentiated-gradient step on
-the total predicted decrease. See ALGORITHMS.md, "Aioli".
+the total predicted decrease. See ``docs/algorithms.md``, "Aioli".
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_choice, check_float, check_int, check_seed
 from odm.policies.base import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy, check_proportions
 
 __all__ = ["Aioli", "aioli_normalize", "aioli_unsmooth", "probe_batch_mixture", "probe_mixture"]
@@ -79,12 +80,6 @@ def aioli_normalize(a: np.ndarray) -> np.ndarray:
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max())
     return z / z.sum()
-
-
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 class Aioli(Policy):
@@ -180,28 +175,20 @@ class Aioli(Policy):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self._round_steps_arg = None if round_steps is None else _check_int(round_steps, "round_steps", 1)
+        self._round_steps_arg = check_int(round_steps, "round_steps", low=1, allow_none=True)
         self.round_steps = self._round_steps_arg or 0  # resolved at bind when None
-        self.sweeps = _check_int(sweeps, "sweeps", 1)
-        self.probe_steps = _check_int(probe_steps, "probe_steps", 1)
-        if isinstance(probe_weight, bool) or not isinstance(probe_weight, int | float) or not 0 < probe_weight <= 1:
-            raise ValueError(f"`probe_weight` must be a number in (0, 1], got {probe_weight!r}")
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not (np.isfinite(eta) and eta > 0):
-            raise ValueError(f"`eta` must be a finite number > 0, got {eta!r}")
-        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 <= ema < 1):
-            raise ValueError(f"`ema` must be None (cumulative mode) or a number in [0, 1), got {ema!r}")
-        if not isinstance(normalize, bool):
+        self.sweeps = check_int(sweeps, "sweeps", low=1)
+        self.probe_steps = check_int(probe_steps, "probe_steps", low=1)
+        self.probe_weight = check_float(probe_weight, "probe_weight", low=0, high=1, low_open=True)
+        self.eta = check_float(eta, "eta", low=0, low_open=True)
+        # None: cumulative mode
+        self.ema = check_float(ema, "ema", low=0, high=1, high_open=True, allow_none=True)
+        if not isinstance(normalize, bool | np.bool_):
             raise TypeError(f"`normalize` must be a bool, got {normalize!r}")
-        self.prior_steps = _check_int(prior_steps, "prior_steps", 0)
-        if start_from not in ("uniform", "prior"):
-            raise ValueError(f"`start_from` must be 'uniform' or 'prior', got {start_from!r}")
-        if unsmooth not in ("realised", "nominal"):
-            raise ValueError(f"`unsmooth` must be 'realised' or 'nominal', got {unsmooth!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-            raise TypeError(f"`seed` must be an integer, got {seed!r}")
-        self.probe_weight = float(probe_weight)
-        self.eta = float(eta)
-        self.ema = None if ema is None else float(ema)
+        self.prior_steps = check_int(prior_steps, "prior_steps", low=0)
+        check_choice(start_from, "start_from", ("uniform", "prior"))
+        check_choice(unsmooth, "unsmooth", ("realised", "nominal"))
+        seed = check_seed(seed)
         self.normalize = normalize
         self.prior = None if prior is None else check_proportions(prior, name="prior")
         self.start_from = start_from
@@ -322,11 +309,8 @@ class Aioli(Policy):
         return self._probe_count + 1 >= self.probe_steps
 
     def update(self, stats: DomainStats) -> None:
-        k = self.num_domains
-        if stats.num_domains != k:
-            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
-        if not (np.all(np.isfinite(stats.count)) and np.all(np.isfinite(stats.proportions))):
-            warnings.warn("odm: Aioli skipped an update with non-finite counts or proportions", RuntimeWarning, 2)
+        # An evaluation-only update (no samples, finite) is usable here: it can open a round.
+        if not self._usable(stats, losses=False) and stats.count.sum() != 0:
             return
         ev = self._eval_of(stats)
         total = stats.count.sum()

@@ -22,6 +22,12 @@ Scaling into ``[0, 1]`` (EXP3 needs bounded rewards): a running scale ``M``, the
 maximum of ``|raw reward|`` over pulled domains, ``M ← max(δ·M, max_i |raw_i|)`` (``δ`` = ``scale_decay``,
 ``δ = 1`` an all-time maximum). Loss rewards map to ``clip(L/M, 0, 1)``; progress rewards to
 ``(1 + clip(g/M, −1, 1)) / 2`` (no progress = 1/2).
+
+Negative losses (log-likelihoods, rewards passed as losses) under ``reward="loss"``: clipping them to 0 would
+give every domain the reward 0 and leave the policy uniform forever. Instead the losses are shifted by a
+running offset ``m = min(δ·m, min_i L_i, 0)`` (0 while every loss is non-negative, so cross-entropy is
+unaffected): the reward is ``clip((L − m)/M, 0, 1)`` with ``M`` the running scale of ``L − m``. The first
+negative loss warns once per policy, since it usually means the sign convention is not the one intended.
 """
 
 from __future__ import annotations
@@ -29,15 +35,28 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
+from odm._checks import check_choice as _check_choice
+from odm._checks import check_float
 from odm.policies.base import DomainStats, Policy, check_proportions
 
-__all__ = ["EXP3", "EXP3S", "exp3_update", "exp3s_update", "importance_estimates", "scaled_rewards"]
+__all__ = ["EXP3", "EXP3S", "RewardOptions", "exp3_update", "exp3s_update", "importance_estimates", "scaled_rewards"]
 
 REWARDS = ("loss", "progress")
+
+
+class RewardOptions(TypedDict, total=False):
+    """The reward arguments every bandit takes as keywords (see :class:`BanditPolicy`): declared once here."""
+
+    reward: str
+    loss_smoothing: float
+    progress_smoothing: float
+    scale_decay: float
+
+
 # Smallest proportion used as an importance-weight denominator (a domain drawn under p = 0 can only come from
 # an override; it must not turn into a division by zero).
 MIN_PROPORTION = 1e-12
@@ -45,50 +64,18 @@ MIN_PROPORTION = 1e-12
 
 # -- argument checks shared by the bandit modules -------------------------------------------------------------
 def check_open_unit(name: str, value: Any) -> float:
-    """Returns ``value`` as float if it lies strictly inside ``(0, 1)``, else raises ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"`{name}` must be a number strictly between 0 and 1, got {value!r}")
-    return float(value)
+    """``value`` as a float strictly inside ``(0, 1)`` (:func:`odm._checks.check_float`)."""
+    return float(check_float(value, name, low=0, high=1, low_open=True, high_open=True))
 
 
 def check_rate(name: str, value: Any, *, upper: float = math.inf) -> float:
-    """Returns ``value`` as float if it is finite, ``> 0`` and ``<= upper``, else raises ``ValueError``."""
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or not 0.0 < float(value) <= upper:
-        bound = "" if upper == math.inf else f" and <= {upper:g}"
-        raise ValueError(f"`{name}` must be a finite number > 0{bound}, got {value!r}")
-    return float(value)
+    """``value`` as a finite float ``> 0`` and ``<= upper`` (:func:`odm._checks.check_float`)."""
+    return float(check_float(value, name, low=0, low_open=True, high=None if upper == math.inf else upper))
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
-    return str(value)
-
-
-def usable_stats(stats: DomainStats, num_domains: int, policy: str) -> bool:
-    """Checks the shapes of ``stats``; returns False (with a warning) when a drawn domain has a non-finite loss.
-
-    Raises:
-        ValueError: if the arrays do not have one entry per domain.
-    """
-    for field in ("loss_sum", "count", "proportions"):
-        shape = np.shape(getattr(stats, field))
-        if shape != (num_domains,):
-            raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
-    # Fast path (the mixer's stats are always finite): one sum propagates any NaN or inf.
-    if math.isfinite(float(stats.loss_sum.sum()) + float(stats.count.sum())):
-        return bool(stats.count.any())
-    bad = stats.observed & ~np.isfinite(stats.loss_sum)
-    if bad.any() or not np.all(np.isfinite(stats.count)):
-        warnings.warn(
-            f"odm: {policy} skipped update {stats.step}: non-finite loss for domain(s) "
-            f"{np.flatnonzero(bad).tolist()}; its state is unchanged",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return bool(stats.observed.any())
+    """``value`` if it is one of ``choices`` (:func:`odm._checks.check_choice`)."""
+    return _check_choice(value, name, choices)
 
 
 # -- pure functions -------------------------------------------------------------------------------------------
@@ -114,7 +101,8 @@ def scaled_rewards(
     loss_smoothing: float,
     progress_smoothing: float,
     scale_decay: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    offset: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
     """One update of the shared reward signal (see the module docstring for the formulas).
 
     Args:
@@ -123,10 +111,11 @@ def scaled_rewards(
         smoothed_loss: ``(K,)`` EMA of each domain's loss over its pulls; NaN before its first pull.
         progress: ``(K,)`` EMA of the per-pull decrease of ``smoothed_loss``.
         scale: running scale ``M`` (0 before any reward).
+        offset: running offset ``m ≤ 0`` of loss rewards (0 until a negative loss is seen).
 
     Returns:
-        ``(rewards, smoothed_loss, progress, scale)``: rewards in ``[0, 1]`` (0 where not pulled) and the new
-        state.
+        ``(rewards, smoothed_loss, progress, scale, offset)``: rewards in ``[0, 1]`` (0 where not pulled) and the
+        new state.
     """
     loss = np.where(pulled, mean_loss, 0.0)
     seen = ~np.isnan(smoothed_loss)
@@ -134,8 +123,12 @@ def scaled_rewards(
     first = pulled & ~seen
     blended = loss_smoothing * np.where(seen, smoothed_loss, 0.0) + (1.0 - loss_smoothing) * loss
     new_smoothed = np.where(again, blended, np.where(first, loss, smoothed_loss))
+    new_offset = offset
     if reward == "loss":
-        raw = loss
+        low = float(loss.min()) if pulled.any() else 0.0
+        if low < 0 or offset < 0:
+            new_offset = min(scale_decay * offset, low, 0.0)
+        raw = np.where(pulled, loss - new_offset, 0.0)
         new_progress = progress
     else:
         decrease = np.where(again, smoothed_loss - new_smoothed, 0.0)
@@ -148,7 +141,7 @@ def scaled_rewards(
         rewards = np.clip(ratio, 0.0, 1.0)
     else:
         rewards = 0.5 * (1.0 + np.clip(ratio, -1.0, 1.0))
-    return np.where(pulled, rewards, 0.0), new_smoothed, new_progress, new_scale
+    return np.where(pulled, rewards, 0.0), new_smoothed, new_progress, new_scale, new_offset
 
 
 def logsumexp(x: np.ndarray) -> float:
@@ -237,9 +230,20 @@ class BanditPolicy(Policy):
         self._smoothed_loss = np.full(num_domains, np.nan)
         self._progress = np.zeros(num_domains)
         self._scale = 0.0
+        self._offset = 0.0
+        self._warned_negative = False
 
     def _rewards(self, stats: DomainStats) -> np.ndarray:
-        rewards, self._smoothed_loss, self._progress, self._scale = scaled_rewards(
+        if self.reward == "loss" and not self._warned_negative and float(stats.loss_sum.min()) < 0:
+            self._warned_negative = True
+            warnings.warn(
+                f"odm: {type(self).__name__} got a negative loss with reward='loss' (log-likelihoods?); losses are "
+                "shifted by their running minimum so that rewards stay informative. Pass losses where lower is "
+                "better and non-negative (e.g. cross-entropy), or use reward='progress'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        rewards, self._smoothed_loss, self._progress, self._scale, self._offset = scaled_rewards(
             stats.mean_loss,
             stats.observed,
             self._smoothed_loss,
@@ -249,16 +253,23 @@ class BanditPolicy(Policy):
             loss_smoothing=self.loss_smoothing,
             progress_smoothing=self.progress_smoothing,
             scale_decay=self.scale_decay,
+            offset=self._offset,
         )
         return rewards
 
     def _reward_state(self) -> dict[str, Any]:
-        return {"smoothed_loss": self._smoothed_loss.copy(), "progress": self._progress.copy(), "scale": self._scale}
+        return {
+            "smoothed_loss": self._smoothed_loss.copy(),
+            "progress": self._progress.copy(),
+            "scale": self._scale,
+            "offset": self._offset,
+        }
 
     def _set_reward_state(self, state: dict[str, Any]) -> None:
         self._smoothed_loss = np.array(state["smoothed_loss"], dtype=np.float64)
         self._progress = np.array(state["progress"], dtype=np.float64)
         self._scale = float(state["scale"])
+        self._offset = float(state.get("offset", 0.0))  # absent in states saved before negative-loss handling
 
 
 class EXP3(BanditPolicy):
@@ -290,16 +301,10 @@ class EXP3(BanditPolicy):
         *,
         eta: float | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.gamma = check_rate("gamma", gamma, upper=1.0)
         self.eta = None if eta is None else check_rate("eta", eta)
@@ -329,7 +334,7 @@ class EXP3(BanditPolicy):
         self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if not usable_stats(stats, self.num_domains, type(self).__name__):
+        if not self._usable(stats):
             return
         estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
         self._gains, self._p = exp3_update(self._gains, estimates, self.gamma, self._learning_rate(), self._log_prior)
@@ -379,19 +384,13 @@ class EXP3S(EXP3):
         alpha: float = 1e-3,
         eta: float | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             gamma,
             eta=eta,
             prior=prior,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.alpha = check_open_unit("alpha", alpha)
 
@@ -402,7 +401,7 @@ class EXP3S(EXP3):
         self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if not usable_stats(stats, self.num_domains, type(self).__name__):
+        if not self._usable(stats):
             return
         estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
         self._log_weights, self._p = exp3s_update(

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_int, is_int, is_real
+
 __all__ = ["Constraints", "project"]
 
 Bound = float | Sequence[float] | np.ndarray | Mapping[int, float] | None
@@ -75,13 +77,13 @@ def _bound(name: str, value: Bound, num_domains: int | None, default: float) -> 
     if isinstance(value, Mapping):
         out = {}
         for key, v in value.items():
-            if isinstance(key, bool) or not isinstance(key, int | np.integer) or key < 0:
+            if not is_int(key) or key < 0:
                 raise ValueError(f"`{name}` keys must be domain indices (integers >= 0), got {key!r}")
             if num_domains is not None and key >= num_domains:
                 raise ValueError(f"`{name}` names domain {key}, but there are only {num_domains} domains")
             out[int(key)] = _unit(name, v, f"domain {key}")
         return out, None
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if is_real(value):
         return _unit(name, value, "all domains"), None
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim != 1:
@@ -92,7 +94,7 @@ def _bound(name: str, value: Bound, num_domains: int | None, default: float) -> 
 
 
 def _unit(name: str, value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+    if not is_real(value):
         raise ValueError(f"`{name}` for {where} must be a number in [0, 1], got {value!r}")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"`{name}` for {where} must lie in [0, 1], got {value!r}")
@@ -142,10 +144,7 @@ class Constraints:
         *,
         num_domains: int | None = None,
     ) -> None:
-        if num_domains is not None and (isinstance(num_domains, bool) or not isinstance(num_domains, int)):
-            raise ValueError(f"`num_domains` must be a positive integer, got {num_domains!r}")
-        if num_domains is not None and num_domains < 1:
-            raise ValueError(f"`num_domains` must be a positive integer, got {num_domains!r}")
+        num_domains = check_int(num_domains, "num_domains", low=1, allow_none=True)
         if frozen is not None and not isinstance(frozen, Mapping):
             raise ValueError(f"`frozen` must be a {{domain index: proportion}} mapping, got {frozen!r}")
         self._floors, k1 = _bound("floors", floors, num_domains, 0.0)

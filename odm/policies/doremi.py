@@ -1,6 +1,6 @@
 """DoReMi, online: exponentiated-gradient domain weights driven by the excess loss over a reference model.
 
-Xie et al. 2023, "DoReMi: Optimizing Data Mixtures Speeds Up Language Model Pretraining". See ALGORITHMS.md,
+Xie et al. 2023, "DoReMi: Optimizing Data Mixtures Speeds Up Language Model Pretraining". See ``docs/algorithms.md``,
 "DoReMi, online".
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_float
 from odm.policies.base import TRAIN_LOSS, DomainStats, Policy, check_proportions
 
 __all__ = ["DoReMi", "doremi_step"]
@@ -95,10 +96,8 @@ class DoReMi(Policy):
     ) -> None:
         super().__init__()
         self.average_initial = bool(average_initial)
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not (np.isfinite(eta) and eta > 0):
-            raise ValueError(f"`eta` must be a finite number > 0, got {eta!r}")
-        if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing <= 1:
-            raise ValueError(f"`smoothing` must be a number in [0, 1], got {smoothing!r}")
+        eta = check_float(eta, "eta", low=0, low_open=True)
+        smoothing = check_float(smoothing, "smoothing", low=0, high=1)
         if reference is None:
             raise TypeError(
                 "DoReMi needs reference losses: pass `reference=` per-domain values (a reference model's mean "
@@ -174,14 +173,14 @@ class DoReMi(Policy):
         return ref
 
     def update(self, stats: DomainStats) -> None:
-        k = self.num_domains
-        if stats.num_domains != k:
-            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
+        # An update with no samples still steps: absent domains keep their previous excess.
+        if not self._usable(stats) and stats.count.sum() != 0:
+            return
         ref = self._reference(stats)
         mean = stats.mean_loss
         seen = stats.observed
         if not (np.all(np.isfinite(mean[seen])) and np.all(np.isfinite(ref[seen]))):
-            warnings.warn("odm: DoReMi skipped an update with non-finite losses", RuntimeWarning, stacklevel=2)
+            warnings.warn("odm: DoReMi skipped an update with non-finite reference losses", RuntimeWarning, 2)
             return
         self._excess = np.where(seen, np.maximum(np.where(seen, mean, 0.0) - ref, 0.0), self._excess)
         assert self._p is not None

@@ -11,7 +11,7 @@ it, pooled over all samples of the domain,
 where ``N(c,x)`` counts the positions whose context (previous ``m`` symbols, within the same sample) is ``c``
 and symbol is ``x``, ``N(c) = Σ_x N(c,x)`` and ``N`` is the number of positions with a full context. Order 0
 is the plain unigram entropy. Symbols are UTF-8 bytes for ``str`` samples, bytes for ``bytes`` and token ids for
-integer sequences, so pass token ids to get the *token* entropy of ALGORITHMS.md. In nats. The plug-in
+integer sequences, so pass token ids to get the *token* entropy of ``docs/algorithms.md``. In nats. The plug-in
 estimate is biased low for small samples (more so for larger ``m``); use the same amount of text per domain.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_int
 from odm.policies.base import DomainStats, Policy, check_proportions
 
 __all__ = ["EntropyPrior", "conditional_entropy"]
@@ -102,8 +103,7 @@ class EntropyPrior(Policy):
         order: int = 1,
     ) -> None:
         super().__init__()
-        if isinstance(order, bool) or not isinstance(order, int) or order < 0:
-            raise ValueError(f"`order` must be a non-negative integer, got {order!r}")
+        order = check_int(order, "order", low=0)
         if (samples is None) == (entropies is None):
             raise TypeError("EntropyPrior needs exactly one of `samples` (per-domain samples) or `entropies`")
         if samples is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_int, is_int
 from odm.policies.base import DomainStats, Policy, check_proportions
 
 __all__ = ["Scheduled", "scheduled_proportions"]
@@ -67,7 +68,7 @@ class Scheduled(Policy):
                 step, p = pair
             except (TypeError, ValueError) as err:
                 raise ValueError(f"`trajectory` row {n} must be a (step, proportions) pair, got {pair!r:.80}") from err
-            if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            if not is_int(step) or step < 0:
                 raise ValueError(f"`trajectory` row {n}: step must be a non-negative integer, got {step!r}")
             if steps and step < steps[-1]:
                 raise ValueError(f"`trajectory` steps must be non-decreasing; row {n} has {step} after {steps[-1]}")
@@ -77,9 +78,7 @@ class Scheduled(Policy):
             # NOTE: rows that already sum to 1 are kept bit for bit, so a replay reproduces the exported run
             # exactly (renormalising can change the last bit).
             rows.append(given if abs(given.sum() - 1.0) <= 1e-12 else row)
-        if isinstance(steps_per_update, bool) or not isinstance(steps_per_update, int) or steps_per_update < 1:
-            raise ValueError(f"`steps_per_update` must be an integer >= 1, got {steps_per_update!r}")
-        self.steps_per_update = steps_per_update
+        self.steps_per_update = check_int(steps_per_update, "steps_per_update", low=1)
         self._steps = np.asarray(steps, dtype=np.int64)
         self._rows = np.stack(rows)
         self.bind(self._rows.shape[1])

@@ -1,7 +1,7 @@
 """Skill-It, online: weight each domain by how much training on it lowers the held-out losses of the others.
 
 Chen et al. 2023, "Skill-it! A Data-Driven Skills Framework for Understanding and Training Language Models".
-See ALGORITHMS.md, "Skill-It, online".
+See ``docs/algorithms.md``, "Skill-It, online".
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_float, check_int
 from odm.policies.base import EVAL_LOSS, DomainStats, Policy, check_proportions
 
 __all__ = ["SkillIt", "estimate_skill_graph", "skillit_proportions"]
@@ -108,12 +109,9 @@ class SkillIt(Policy):
         eval_every: int = 100,
     ) -> None:
         super().__init__()
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not (np.isfinite(eta) and eta > 0):
-            raise ValueError(f"`eta` must be a finite number > 0, got {eta!r}")
-        for arg, val in (("window", window), ("eval_every", eval_every)):
-            if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < 1:
-                raise ValueError(f"`{arg}` must be an integer >= 1, got {val!r}")
-        self.eta, self.window, self.eval_every = float(eta), int(window), int(eval_every)
+        self.eta = check_float(eta, "eta", low=0, low_open=True)
+        self.window = check_int(window, "window", low=1)
+        self.eval_every = check_int(eval_every, "eval_every", low=1)
         self.graph: np.ndarray | None = None
         if graph is not None:
             g = np.asarray(graph, dtype=np.float64)

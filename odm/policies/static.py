@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_float
 from odm.policies.base import DomainStats, Policy, check_proportions
 
 __all__ = ["Fixed", "Natural", "Temperature", "Uniform", "temperature_proportions"]
@@ -90,10 +91,8 @@ class Temperature(_Static):
 
     def __init__(self, sizes: Sequence[float] | np.ndarray, tau: float = 1.0) -> None:
         super().__init__()
-        if not (isinstance(tau, int | float) and np.isfinite(tau) and tau > 0):
-            raise ValueError(f"`tau` must be a finite number > 0, got {tau!r}")
+        self.tau = check_float(tau, "tau", low=0, low_open=True)
         self.sizes = _check_sizes(sizes)
-        self.tau = float(tau)
         self.bind(len(self.sizes))
 
     def _init_state(self, num_domains: int) -> None:

@@ -20,6 +20,7 @@ class ReferenceRewards:
         self.smoothed: list[float | None] = [None] * k
         self.progress = [0.0] * k
         self.scale = 0.0
+        self.offset = 0.0  # loss rewards: shift by the running minimum once a loss is negative
 
     def __call__(self, stats: DomainStats) -> list[float]:
         raw = {}
@@ -35,6 +36,11 @@ class ReferenceRewards:
                 self.smoothed[i] = new
                 self.progress[i] = self.beta_g * self.progress[i] + (1 - self.beta_g) * (old - new)
             raw[i] = loss if self.reward == "loss" else self.progress[i]
+        if self.reward == "loss":
+            low = min(min(raw.values()), 0.0)
+            if low < 0 or self.offset < 0:
+                self.offset = min(self.decay * self.offset, low)
+            raw = {i: v - self.offset for i, v in raw.items()}
         self.scale = max(self.decay * self.scale, max(abs(v) for v in raw.values()))
         rewards = [0.0] * self.k
         for i, v in raw.items():
@@ -157,15 +163,33 @@ def test_a_prior_must_be_positive_and_match_the_domains(cls: type) -> None:
 def test_rewards_lie_in_the_unit_interval_and_are_zero_for_domains_not_pulled(reward: str) -> None:
     rng = np.random.default_rng(3)
     k = 50
-    smoothed, progress, scale = np.full(k, np.nan), np.zeros(k), 0.0
+    smoothed, progress, scale, offset = np.full(k, np.nan), np.zeros(k), 0.0, 0.0
     for _ in range(500):
         pulled = rng.random(k) < 0.3
         loss = np.where(pulled, rng.standard_cauchy(k) * 10, np.nan)
-        r, smoothed, progress, scale = scaled_rewards(
+        r, smoothed, progress, scale, offset = scaled_rewards(
             loss, pulled, smoothed, progress, scale,
-            reward=reward, loss_smoothing=0.9, progress_smoothing=0.9, scale_decay=0.99,
+            reward=reward, loss_smoothing=0.9, progress_smoothing=0.9, scale_decay=0.99, offset=offset,
         )  # fmt: skip
         assert np.all((r >= 0) & (r <= 1)) and np.all(r[~pulled] == 0)
+
+
+@pytest.mark.parametrize("cls", [EXP3, EXP3S])
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_negative_losses_are_shifted_with_one_warning_and_still_move_the_policy(cls: type, granularity: str) -> None:
+    """Log-likelihood-like losses (all negative): clipping them to 0 left the policy uniform forever."""
+    rng = np.random.default_rng(5)
+    k = 4
+    policy = cls(0.1, eta=0.5).bind(k)
+    rewards = ReferenceRewards(k, "loss", 0.9, 0.9, 0.999)
+    reference = ReferenceEXP3(k, 0.1, 0.5, rewards) if cls is EXP3 else ReferenceEXP3S(k, 0.1, 0.5, 1e-3, rewards)
+    with pytest.warns(RuntimeWarning, match="negative loss") as record:
+        for t in range(1, 201):
+            stats = draw_stats(rng, policy.proportions, t, granularity, offset=-10.0)
+            policy.update(stats)
+            np.testing.assert_allclose(policy.proportions, reference.update(stats), rtol=1e-10, atol=1e-13)
+    assert sum("negative loss" in str(w.message) for w in record) == 1
+    assert policy.proportions.max() / policy.proportions.min() > 1.2
 
 
 def test_exp3s_recovers_faster_than_exp3_when_the_best_domain_changes() -> None:
@@ -232,7 +256,7 @@ def test_defaults_and_registry() -> None:
         ({"eta": -1.0}, "`eta` must be a finite number > 0"),
         ({"eta": float("inf")}, "`eta`"),
         ({"reward": "gain"}, "`reward` must be one of 'loss', 'progress'"),
-        ({"loss_smoothing": 1.0}, "`loss_smoothing` must be a number strictly between 0 and 1"),
+        ({"loss_smoothing": 1.0}, "`loss_smoothing` must be a finite number > 0 and < 1"),
         ({"progress_smoothing": 0}, "`progress_smoothing`"),
         ({"scale_decay": 0.0}, "`scale_decay`"),
     ],
@@ -244,5 +268,5 @@ def test_bad_arguments_raise_a_clear_error(cls: type, kwargs: dict, match: str) 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1])
 def test_exp3s_rejects_a_sharing_rate_outside_the_unit_interval(alpha: float) -> None:
-    with pytest.raises(ValueError, match="`alpha` must be a number strictly between 0 and 1"):
+    with pytest.raises(ValueError, match="`alpha` must be a finite number > 0 and < 1"):
         EXP3S(alpha=alpha)

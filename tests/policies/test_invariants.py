@@ -195,7 +195,7 @@ def million_update_loop(family: str, n: int, k: int = 3, start: int = 1) -> None
             elif family == "odm-released":
                 state, p = odm_released_update(state, loss_sum, count, t, 0.5)
             else:
-                r, smoothed, progress, scale = scaled_rewards(
+                r, smoothed, progress, scale, _ = scaled_rewards(
                     loss_sum, count > 0, smoothed, progress, scale,
                     reward="progress" if j % 2 else "loss", loss_smoothing=0.9, progress_smoothing=0.9,
                     scale_decay=0.999,

@@ -189,17 +189,18 @@ def test_defaults_and_registry() -> None:
     ("kwargs", "match"),
     [
         ({"variant": "published"}, "`variant` must be one of 'paper', 'released'"),
-        ({"alpha": 1.0}, "`alpha` must be a number strictly between 0 and 1"),
+        ({"alpha": 1.0}, "`alpha` must be a finite number > 0 and < 1"),
         ({"alpha": 0.0}, "`alpha`"),
         ({"alpha": -0.5}, "`alpha`"),
-        ({"warmup_steps": -1}, "`warmup_steps` must be a non-negative integer"),
-        ({"warmup_steps": 1.5}, "`warmup_steps`"),
+        ({"warmup_steps": -1}, "`warmup_steps` must be an integer >= 0"),
         ({"initial": [0.5, -0.5]}, "`initial` must be non-negative"),
     ],
 )
 def test_bad_arguments_raise_a_clear_error(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ODM(**kwargs)
+    with pytest.raises(TypeError, match=r"`warmup_steps` must be an integer >= 0, got 1.5 \(float\)"):
+        ODM(warmup_steps=1.5)
 
 
 def test_initial_proportions_fix_the_number_of_domains() -> None:

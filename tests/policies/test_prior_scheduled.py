@@ -69,7 +69,7 @@ def test_precomputed_entropies_are_normalised() -> None:
         (([[[0.5, 1.5]]],), {}, TypeError, "integer token ids"),
         ((), {"entropies": [0.0, 0.0]}, ValueError, "must not be all zero"),
         ((), {"entropies": [1.0, -1.0]}, ValueError, "non-negative"),
-        ((), {"entropies": [1.0], "order": -1}, ValueError, "`order` must be a non-negative integer"),
+        ((), {"entropies": [1.0], "order": -1}, ValueError, "`order` must be an integer >= 0"),
         (([["a"], ["abc"]],), {}, ValueError, "no sample has more than 1 symbols"),
     ],
 )

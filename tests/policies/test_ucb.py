@@ -162,7 +162,7 @@ def test_defaults_and_registry() -> None:
         ({"c": float("nan")}, "`c`"),
         ({"gamma": 0.0}, "`gamma` must be a finite number > 0 and <= 1"),
         ({"gamma": 2.0}, "`gamma`"),
-        ({"seed": -1}, "`seed` must be a non-negative integer"),
+        ({"seed": -1}, "`seed` must be an integer >= 0"),
         ({"reward": "regret"}, "`reward` must be one of"),
     ],
 )
@@ -174,8 +174,8 @@ def test_bad_arguments_raise_a_clear_error(cls: type, kwargs: dict, match: str) 
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
-        (UCB1, {"reward_smoothing": 1.0}, "`reward_smoothing` must be a number strictly between 0 and 1"),
-        (DiscountedUCB, {"discount": 1.0}, "`discount` must be a number strictly between 0 and 1"),
+        (UCB1, {"reward_smoothing": 1.0}, "`reward_smoothing` must be a finite number > 0 and < 1"),
+        (DiscountedUCB, {"discount": 1.0}, "`discount` must be a finite number > 0 and < 1"),
         (SlidingWindowUCB, {"window": 0}, "`window` must be an integer >= 1"),
     ],
 )
