@@ -342,7 +342,7 @@ def test_the_oldest_row_still_in_the_ring_answers_and_the_one_before_it_is_repor
     for b in (10, 20, 30, 40):  # five rows in a ring of four: the initial row (batch 0) left
         s.publish([b, 100 - b], effective_from=b)
     assert s.lookup(10).proportions.tolist() == [0.1, 0.9]
-    assert s.lookup(19).proportions.tolist() == [0.1, 0.9] and s.lookup(19).index == 1
+    assert s.lookup(19).proportions.tolist() == [0.1, 0.9] and s.lookup(19).position == 1
     with pytest.raises(RuntimeError, match=r"the proportions row for batch 9 has left the schedule ring"):
         s.lookup(9)
     assert [r.effective_from for r in s.rows()] == [10, 20, 30, 40]
