@@ -578,7 +578,8 @@ class OnlineMixer:
             "cut_batch": self._cut_batch,
             "override": None if self._override is None else self._override.tolist(),
             "rng": self._rng.bit_generator.state,
-            "history": self.history.state_dict(),
+            "history": self.history.export(),
+            "history_thinned": self.history.num_thinned,
             "pending": None if self._pending is None else self._pending.tolist(),
             "evals_missed": [self._evals_missed, self._updates_without_eval],
         }

@@ -231,7 +231,11 @@ def _tampered(edit) -> dict:  # type: ignore[no-untyped-def]
     [
         (lambda s: s.pop("num_steps"), r"the checkpoint is missing `mixer\.num_steps`"),
         (lambda s: s["schedule"].pop("rows"), r"the checkpoint is missing `mixer\.schedule\.rows`"),
-        (lambda s: s["history"].pop("num_thinned"), r"the checkpoint is missing `mixer\.history\.num_thinned`"),
+        (lambda s: s.pop("history_thinned"), r"the checkpoint is missing `mixer\.history_thinned`"),
+        (
+            lambda s: s["history"].__setitem__(0, [0, [0.5]]),
+            r"`mixer\.history\[0\]\.proportions` must be a list of 2 numbers, got \[0\.5\]",
+        ),
         (
             lambda s: s["schedule"]["rows"].__setitem__(0, [0, 0, [1.5, -0.5]]),
             r"`mixer\.schedule\.rows\[0\]\.proportions` must hold finite numbers and >= 0, got \[1\.5, -0\.5\]",
@@ -258,7 +262,7 @@ def _tampered(edit) -> dict:  # type: ignore[no-untyped-def]
         ),
         (lambda s: s["rng"].__setitem__("bit_generator", "MT19937"), r"`mixer\.rng` is not a PCG64 state"),
         (lambda s: s.__setitem__("version", 1), r"`mixer\.version` is 1; this odm reads mixer state version 2"),
-        (lambda s: s["history"]["steps"].__setitem__(-1, 99), r"`mixer\.history\.steps` ends at step 99"),
+        (lambda s: s["history"].__setitem__(-1, [99, [0.5, 0.5]]), r"`mixer\.history` ends at step 99"),
         (lambda s: s["policy"].__setitem__("policy", "EXP3"), r"`mixer\.policy` does not load: .*'EXP3'"),
         (
             lambda s: s.__setitem__("domains", ["d0", "x"]),
