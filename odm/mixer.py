@@ -518,14 +518,14 @@ class OnlineMixer:
         if not count.any() and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
             return None  # nothing usable observed: the policy stays as it was
         drawn = rows[DRAWN]
-        total = drawn.sum()
+        total = np.add.reduce(drawn)
         # NOTE: views of `pending`, a fresh array no one else keeps once this update is committed.
         stats = DomainStats(
             loss_sum=rows[LOSS],
             count=count,
             proportions=drawn / total if total > 0 else self._latest.copy(),
             step=self._num_updates + 1,
-            num_samples=self._num_samples + round(float(rows[SAMPLES].sum())),
+            num_samples=self._num_samples + round(float(np.add.reduce(rows[SAMPLES]))),
             eval_loss=eval_loss,
             num_batches=max(1, round(FeedbackRows.scalars(pending)[3])),
         )
