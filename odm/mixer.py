@@ -577,6 +577,8 @@ class OnlineMixer:
             "next_batch": self._next_batch,
             "cut_batch": self._cut_batch,
             "override": None if self._override is None else self._override.tolist(),
+            # As given to the schedule, which normalises it: a resumed run tells a repeat as this one does.
+            "published": np.frombuffer(self._published).tolist(),
             "rng": self._rng.bit_generator.state,
             "history": self.history.export(),
             "history_thinned": self.history.num_thinned,
@@ -614,7 +616,7 @@ class OnlineMixer:
         self._pending = got.pending
         self._evals_missed, self._updates_without_eval = got.evals_missed
         latest = self.schedule.latest()
-        self._published, self._published_mode = latest.proportions.tobytes(), latest.mode
+        self._published, self._published_mode = got.published.tobytes(), latest.mode
         self._latest = latest.proportions
         self._feedback.reset()
         self._collective.gathered.clear()

@@ -36,6 +36,7 @@ class CheckedState:
     next_batch: int
     cut_batch: int | None
     override: np.ndarray | None
+    published: np.ndarray
     rng: np.random.Generator
     pending: np.ndarray | None
     evals_missed: tuple[int, int]
@@ -111,6 +112,7 @@ def check_state(
         next_batch=read_int(state, "next_batch", path),
         cut_batch=read_int(state, "cut_batch", path, allow_none=True),
         override=None if ov is None else read_simplex(ov, f"{path}.override", k),
+        published=read_vector(read(state, "published", path), f"{path}.published", k, low=0.0),
         rng=rng,
         pending=pending,
         evals_missed=(as_int(missed[0], f"{path}.evals_missed[0]"), as_int(missed[1], f"{path}.evals_missed[1]")),

@@ -231,6 +231,7 @@ def _tampered(edit) -> dict:  # type: ignore[no-untyped-def]
     [
         (lambda s: s.pop("num_steps"), r"the checkpoint is missing `mixer\.num_steps`"),
         (lambda s: s["schedule"].pop("rows"), r"the checkpoint is missing `mixer\.schedule\.rows`"),
+        (lambda s: s.__setitem__("published", [0.5, -1.0]), r"`mixer\.published` must hold finite numbers and >= 0"),
         (lambda s: s.pop("history_thinned"), r"the checkpoint is missing `mixer\.history_thinned`"),
         (
             lambda s: s["history"].__setitem__(0, [0, [0.5]]),
@@ -400,3 +401,21 @@ def test_unchanged_proportions_are_not_published_again_even_when_their_sum_is_of
         mixer.observe([0, 1, 2], [1.0, 1.0, 1.0], mix_step=t)
         mixer.step()
     assert (mixer.schedule.num_rows, len(mixer.history)) == (3, 3)
+
+
+def test_a_resumed_run_publishes_exactly_the_rows_of_the_uninterrupted_one():
+    def run(mixer: odm.OnlineMixer, steps: range) -> odm.OnlineMixer:
+        for t in steps:
+            if t == 3:
+                mixer.set_proportions([1.0, 1.0, 1.0])
+            if t == 6:
+                mixer.release()
+            mixer.observe([0, 1, 2], [1.0, 1.0, 1.0], mix_step=t)
+            mixer.step()
+        return mixer
+
+    whole = run(odm.OnlineMixer(_names(3), _Unnormalised()), range(12))
+    resumed = odm.OnlineMixer(_names(3), _Unnormalised())
+    resumed.load_state_dict(roundtrip(run(odm.OnlineMixer(_names(3), _Unnormalised()), range(8)).state_dict()))
+    run(resumed, range(8, 12))
+    assert resumed.state_dict() == whole.state_dict()
