@@ -533,22 +533,29 @@ class OnlineMixer:
         return stats
 
     def _track_evals(self, got_eval: bool) -> None:
+        """Warns once when a held-out policy goes without evaluations: it asked for :data:`EVAL_PATIENCE` and
+        got none, or (one that never asks) it requires them and none came for :data:`EVAL_PATIENCE_UPDATES`."""
         policy = self.policy
         if got_eval:
             self._evals_missed = self._updates_without_eval = 0
             return
-        if policy.wants_eval(self._num_updates + 1):
+        asks = type(policy).wants_eval is not Policy.wants_eval
+        if asks and policy.wants_eval(self._num_updates + 1):
             self._evals_missed += 1
-        if EVAL_LOSS in policy.requires:
+        elif not asks and EVAL_LOSS in policy.requires:
             self._updates_without_eval += 1
-        if self._evals_missed >= EVAL_PATIENCE or self._updates_without_eval >= EVAL_PATIENCE_UPDATES:
-            self._warn(
-                "no-eval",
-                f"odm: {type(policy).__name__} learns from held-out losses, but none arrived for "
-                f"{max(self._evals_missed, self._updates_without_eval)} updates, so it cannot move; pass them "
-                "with mixer.observe_eval(loss_sum, count) before step() whenever mixer.wants_eval() is True, or "
-                "give the Lightning callback `eval_loaders` (warned once)",
-            )
+        if self._evals_missed >= EVAL_PATIENCE:
+            what = f"asked for held-out losses at {self._evals_missed} updates and got none"
+        elif self._updates_without_eval >= EVAL_PATIENCE_UPDATES:
+            what = f"got no held-out losses for {self._updates_without_eval} updates"
+        else:
+            return
+        self._warn(
+            "no-eval",
+            f"odm: {type(policy).__name__} learns from held-out losses but {what}, so it cannot move as it "
+            "should; pass them with mixer.observe_eval(loss_sum, count) before step() whenever "
+            "mixer.wants_eval() is True, or give the Lightning callback `eval_loaders` (warned once)",
+        )
 
     # -- export and state ------------------------------------------------------------------------------------
     def export_schedule(self) -> list[tuple[int, list[float]]]:

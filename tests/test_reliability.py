@@ -302,8 +302,44 @@ def test_a_held_out_policy_without_evaluations_is_warned_about_once_naming_the_f
             mixer.step()
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
-    assert "Recorder learns from held-out losses, but none arrived for 3 updates" in messages[0]
+    assert "Recorder learns from held-out losses but asked for held-out losses at 3 updates and got none" in messages[0]
     assert "mixer.observe_eval(loss_sum, count)" in messages[0] and "`eval_loaders`" in messages[0]
+
+
+class _NeverAsks(Policy):
+    requires = frozenset({EVAL_LOSS})
+
+    def _init_state(self, num_domains: int) -> None:
+        self._p = np.full(num_domains, 1.0 / num_domains)
+
+    def update(self, stats: DomainStats) -> None:
+        pass
+
+
+def test_a_held_out_policy_that_never_asks_is_warned_about_after_100_updates_without_evaluations():
+    mixer = odm.OnlineMixer(_names(2), _NeverAsks())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(150):
+            mixer.observe([0, 1], [1.0, 2.0], mix_step=t)
+            mixer.step()
+            if t == 98:
+                assert not caught, "not before 100 updates"
+    assert [str(w.message)[:94] for w in caught] == [
+        "odm: _NeverAsks learns from held-out losses but got no held-out losses for 100 updates, so it"
+    ]
+
+
+def test_a_policy_that_asks_rarely_is_not_warned_about_between_its_asks():
+    rec = Recorder(requires=frozenset({TRAIN_LOSS, EVAL_LOSS}), wants=lambda t: t % 250 == 0)
+    mixer = odm.OnlineMixer(_names(2), rec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(600):
+            if mixer.wants_eval():
+                mixer.observe_eval([2.0, 4.0], [1.0, 1.0])
+            mixer.observe([0, 1], [1.0, 2.0], mix_step=t)
+            mixer.step()
 
 
 def test_evaluations_that_arrive_keep_the_held_out_warning_away():
