@@ -325,9 +325,10 @@ def test_a_held_out_policy_that_never_asks_is_warned_about_after_100_updates_wit
             mixer.step()
             if t == 98:
                 assert not caught, "not before 100 updates"
-    assert [str(w.message)[:94] for w in caught] == [
-        "odm: _NeverAsks learns from held-out losses but got no held-out losses for 100 updates, so it"
-    ]
+    assert len(caught) == 1
+    assert str(caught[0].message).startswith(
+        "odm: _NeverAsks learns from held-out losses but got no held-out losses for 100 updates"
+    )
 
 
 def test_a_policy_that_asks_rarely_is_not_warned_about_between_its_asks():
