@@ -570,3 +570,15 @@ def test_num_batches_counts_the_observe_calls_behind_each_update_and_not_the_eva
     mixer.observe([1], [1.0], mix_step=5)
     mixer.step()
     assert [s.num_batches for s in rec.seen] == [4, 2]
+
+
+@pytest.mark.parametrize(("delay", "update_every", "updates"), [(0, 1, 0), (6, 1, 6), (6, 4, 1), (8, 4, 2)])
+def test_the_policy_is_told_the_publish_delay_in_updates(delay, update_every, updates):
+    told = []
+
+    class Told(ChaseLoss):
+        def set_publish_delay(self, delay: int) -> None:
+            told.append(delay)
+
+    odm.OnlineMixer(_names(2), Told(), delay=delay, update_every=update_every)
+    assert told == [updates]
