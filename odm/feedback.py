@@ -291,7 +291,7 @@ class DomainFeedback:
             # bincount sums in float64 whatever the loss dtype; a NaN or inf among the losses carries into the
             # total, so one check on K sums replaces one per loss (an overflowing total takes the slow path).
             sums = np.bincount(ids, values, minlength=k)
-            if math.isfinite(sums.sum()):
+            if math.isfinite(np.add.reduce(sums)):  # (np.add.reduce: sum() without its Python wrapper)
                 rows[LOSS] += sums
                 rows[COUNT : SAMPLES + 1] += samples
                 return n

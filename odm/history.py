@@ -8,17 +8,15 @@ so recent behaviour replays exactly and the whole run stays visible at a resolut
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from odm._checks import check_int
-from odm._state import StateError, as_int, read, read_int, read_simplex
+from odm._state import StateError, as_int, read_simplex
 
 __all__ = ["History"]
-
-_STATE_VERSION = 1
 
 
 class History:
@@ -88,42 +86,27 @@ class History:
         n = self._len
         return list(zip(self._steps[:n].tolist(), self._rows[:n].tolist()))
 
-    def state_dict(self) -> dict[str, Any]:
-        n = self._len
-        return {
-            "version": _STATE_VERSION,
-            "steps": self._steps[:n].tolist(),
-            "rows": self._rows[:n].tolist(),
-            "num_thinned": self.num_thinned,
-        }
-
-    def check_state(self, state: Mapping[str, Any], path: str = "history") -> tuple[list[int], np.ndarray, int]:
-        """The saved steps, rows and thinning count, checked (the newest ``capacity`` rows).
+    def check_state(self, saved: Any, path: str = "history") -> tuple[list[int], np.ndarray]:
+        """Rows saved as :meth:`export` writes them, checked: ``(steps, rows)`` (the newest ``capacity``).
 
         Raises:
-            ValueError: a missing key or a malformed field, naming its key path.
+            ValueError: a malformed entry, naming its key path (``mixer.history[3]``).
         """
-        version = read(state, "version", path)
-        if version != _STATE_VERSION:
-            raise StateError(f"`{path}.version` is {version!r}; this odm reads history version {_STATE_VERSION}")
-        steps, rows = read(state, "steps", path), read(state, "rows", path)
-        if not isinstance(steps, list | tuple) or not isinstance(rows, list | tuple) or len(steps) != len(rows):
-            raise StateError(f"`{path}.steps` and `{path}.rows` must be lists of the same length")
-        checked_steps: list[int] = []
-        for i, s in enumerate(steps):
-            checked_steps.append(as_int(s, f"{path}.steps[{i}]", low=checked_steps[-1] if i else 0))
-        k = self.num_domains
-        block = np.array([read_simplex(r, f"{path}.rows[{i}]", k) for i, r in enumerate(rows)]).reshape(-1, k)
-        thinned = read_int(state, "num_thinned", path)
-        return checked_steps[-self.capacity :], block[-self.capacity :], thinned
+        if not isinstance(saved, list | tuple) or not saved:
+            raise StateError(f"checkpoint field `{path}` must be a non-empty list of [num_steps, proportions]")
+        steps: list[int] = []
+        rows = []
+        for i, entry in enumerate(saved):
+            where = f"{path}[{i}]"
+            if not isinstance(entry, list | tuple) or len(entry) != 2:
+                raise StateError(f"checkpoint field `{where}` must be [num_steps, proportions], got {entry!r}")
+            steps.append(as_int(entry[0], f"{where}.num_steps", low=steps[-1] if steps else 0))
+            rows.append(read_simplex(entry[1], f"{where}.proportions", self.num_domains))
+        return steps[-self.capacity :], np.array(rows[-self.capacity :])
 
-    def load_state_dict(self, state: Mapping[str, Any], *, path: str = "history") -> None:
-        """Restores :meth:`state_dict` (checked first; nothing changes on an error)."""
-        self.restore(*self.check_state(state, path))
-
-    def restore(self, steps: list[int], rows: np.ndarray, thinned: int) -> None:
+    def restore(self, steps: list[int], rows: np.ndarray, num_thinned: int) -> None:
         """Replaces the rows with what :meth:`check_state` returned."""
         self._len = len(steps)
         self._steps[: self._len] = steps
         self._rows[: self._len] = rows
-        self.num_thinned = thinned
+        self.num_thinned = num_thinned

@@ -125,6 +125,9 @@ class OnlineMixer:
         self.history_every = check_int(history_every, "history_every", low=1, allow_none=True)
         self.seed = check_seed(seed)
         self.policy = get_policy(policy).bind(len(self.domains))
+        # In updates: a row published after batch b applies from batch b + 1 + delay, which falls in the
+        # (delay // update_every + 1)-th update after this one (one batch per step).
+        self.policy.set_publish_delay(self.delay // self.update_every)
         self.process_group = process_group
         self.constraints = self._build_constraints(floors, ceilings, frozen, constraints)
         k = len(self.domains)
@@ -518,14 +521,14 @@ class OnlineMixer:
         if not count.any() and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
             return None  # nothing usable observed: the policy stays as it was
         drawn = rows[DRAWN]
-        total = drawn.sum()
+        total = np.add.reduce(drawn)
         # NOTE: views of `pending`, a fresh array no one else keeps once this update is committed.
         stats = DomainStats(
             loss_sum=rows[LOSS],
             count=count,
             proportions=drawn / total if total > 0 else self._latest.copy(),
             step=self._num_updates + 1,
-            num_samples=self._num_samples + round(float(rows[SAMPLES].sum())),
+            num_samples=self._num_samples + round(float(np.add.reduce(rows[SAMPLES]))),
             eval_loss=eval_loss,
             num_batches=max(1, round(FeedbackRows.scalars(pending)[3])),
         )
@@ -533,22 +536,29 @@ class OnlineMixer:
         return stats
 
     def _track_evals(self, got_eval: bool) -> None:
+        """Warns once when a held-out policy goes without evaluations: it asked for :data:`EVAL_PATIENCE` and
+        got none, or (one that never asks) it requires them and none came for :data:`EVAL_PATIENCE_UPDATES`."""
         policy = self.policy
         if got_eval:
             self._evals_missed = self._updates_without_eval = 0
             return
-        if policy.wants_eval(self._num_updates + 1):
+        asks = type(policy).wants_eval is not Policy.wants_eval
+        if asks and policy.wants_eval(self._num_updates + 1):
             self._evals_missed += 1
-        if EVAL_LOSS in policy.requires:
+        elif not asks and EVAL_LOSS in policy.requires:
             self._updates_without_eval += 1
-        if self._evals_missed >= EVAL_PATIENCE or self._updates_without_eval >= EVAL_PATIENCE_UPDATES:
-            self._warn(
-                "no-eval",
-                f"odm: {type(policy).__name__} learns from held-out losses, but none arrived for "
-                f"{max(self._evals_missed, self._updates_without_eval)} updates, so it cannot move; pass them "
-                "with mixer.observe_eval(loss_sum, count) before step() whenever mixer.wants_eval() is True, or "
-                "give the Lightning callback `eval_loaders` (warned once)",
-            )
+        if self._evals_missed >= EVAL_PATIENCE:
+            what = f"asked for held-out losses at {self._evals_missed} updates and got none"
+        elif self._updates_without_eval >= EVAL_PATIENCE_UPDATES:
+            what = f"got no held-out losses for {self._updates_without_eval} updates"
+        else:
+            return
+        self._warn(
+            "no-eval",
+            f"odm: {type(policy).__name__} learns from held-out losses but {what}, so it cannot move as it "
+            "should; pass them with mixer.observe_eval(loss_sum, count) before step() whenever "
+            "mixer.wants_eval() is True, or give the Lightning callback `eval_loaders` (warned once)",
+        )
 
     # -- export and state ------------------------------------------------------------------------------------
     def export_schedule(self) -> list[tuple[int, list[float]]]:
@@ -577,8 +587,11 @@ class OnlineMixer:
             "next_batch": self._next_batch,
             "cut_batch": self._cut_batch,
             "override": None if self._override is None else self._override.tolist(),
+            # As given to the schedule, which normalises it: a resumed run tells a repeat as this one does.
+            "published": np.frombuffer(self._published).tolist(),
             "rng": self._rng.bit_generator.state,
-            "history": self.history.state_dict(),
+            "history": self.history.export(),
+            "history_thinned": self.history.num_thinned,
             "pending": None if self._pending is None else self._pending.tolist(),
             "evals_missed": [self._evals_missed, self._updates_without_eval],
         }
@@ -613,7 +626,7 @@ class OnlineMixer:
         self._pending = got.pending
         self._evals_missed, self._updates_without_eval = got.evals_missed
         latest = self.schedule.latest()
-        self._published, self._published_mode = latest.proportions.tobytes(), latest.mode
+        self._published, self._published_mode = got.published.tobytes(), latest.mode
         self._latest = latest.proportions
         self._feedback.reset()
         self._collective.gathered.clear()

@@ -29,13 +29,14 @@ class CheckedState:
     """A mixer checkpoint, every field checked (see :meth:`odm.OnlineMixer.state_dict` for the meanings)."""
 
     schedule_rows: list[ScheduleRow]
-    history: tuple[list[int], np.ndarray, int]
+    history: tuple[list[int], np.ndarray, int]  # steps, rows, rows thinned away
     num_steps: int
     num_updates: int
     num_samples: int
     next_batch: int
     cut_batch: int | None
     override: np.ndarray | None
+    published: np.ndarray
     rng: np.random.Generator
     pending: np.ndarray | None
     evals_missed: tuple[int, int]
@@ -73,7 +74,8 @@ def check_state(
         raise StateError(f"checkpoint domains differ from this mixer's: {what}")
     k = len(domains)
     rows = schedule.check_state(read(state, "schedule", path), f"{path}.schedule")
-    kept = history.check_state(read(state, "history", path), f"{path}.history")
+    steps, rows_kept = history.check_state(read(state, "history", path), f"{path}.history")
+    kept = (steps, rows_kept, read_int(state, "history_thinned", path))
     counters = {key: read_int(state, key, path) for key in ("num_steps", "num_updates", "num_samples")}
     ov = read(state, "override", path)
     pending = read(state, "pending", path)
@@ -95,7 +97,7 @@ def check_state(
         ) from err
     if kept[0] and kept[0][-1] > counters["num_steps"]:
         raise StateError(
-            f"checkpoint field `{path}.history.steps` ends at step {kept[0][-1]}, after "
+            f"checkpoint field `{path}.history` ends at step {kept[0][-1]}, after "
             f"`{path}.num_steps`={counters['num_steps']}"
         )
     policy = read(state, "policy", path)
@@ -110,6 +112,7 @@ def check_state(
         next_batch=read_int(state, "next_batch", path),
         cut_batch=read_int(state, "cut_batch", path, allow_none=True),
         override=None if ov is None else read_simplex(ov, f"{path}.override", k),
+        published=read_vector(read(state, "published", path), f"{path}.published", k, low=0.0),
         rng=rng,
         pending=pending,
         evals_missed=(as_int(missed[0], f"{path}.evals_missed[0]"), as_int(missed[1], f"{path}.evals_missed[1]")),

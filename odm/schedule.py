@@ -40,12 +40,12 @@ class ScheduleRow(NamedTuple):
 
 
 class ScheduleLookup(NamedTuple):
-    """The row in force for a batch: its ``proportions`` and ``mode``, and ``index``, its position among every
+    """The row in force for a batch: its ``proportions`` and ``mode``, and ``position``, its index among every
     row published (the newest is ``num_rows - 1``; a reader may reuse it while no newer row exists)."""
 
     proportions: np.ndarray
     mode: int
-    index: int
+    position: int
 
 
 def check_simplex(p: Any, num_domains: int, name: str = "proportions") -> np.ndarray:

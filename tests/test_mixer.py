@@ -359,7 +359,7 @@ def test_history_every_thins_the_policys_publishes_but_keeps_overrides_and_the_l
     assert [s for s, _ in thin.history] == [0, 3, 4, 6, 9]
     assert all(p.tolist() == kept[s] for s, p in thin.history)
     assert [s for s, _ in none.history] == [0, 4, 6]
-    assert thin.state_dict()["history"]["steps"] == [s for s, _ in thin.export_schedule()]
+    assert thin.state_dict()["history"] == thin.export_schedule()
     with pytest.raises(ValueError, match=r"`history_every` must be an integer >= 1 or None, got 0"):
         odm.OnlineMixer(_names(2), history_every=0)
 
@@ -570,3 +570,15 @@ def test_num_batches_counts_the_observe_calls_behind_each_update_and_not_the_eva
     mixer.observe([1], [1.0], mix_step=5)
     mixer.step()
     assert [s.num_batches for s in rec.seen] == [4, 2]
+
+
+@pytest.mark.parametrize(("delay", "update_every", "updates"), [(0, 1, 0), (6, 1, 6), (6, 4, 1), (8, 4, 2)])
+def test_the_policy_is_told_the_publish_delay_in_updates(delay, update_every, updates):
+    told = []
+
+    class Told(ChaseLoss):
+        def set_publish_delay(self, delay: int) -> None:
+            told.append(delay)
+
+    odm.OnlineMixer(_names(2), Told(), delay=delay, update_every=update_every)
+    assert told == [updates]

@@ -160,6 +160,7 @@ def _disagreeing(rank: int) -> dict[str, odm.OnlineMixer]:
         "policy": odm.OnlineMixer(["a", "b"], "uniform" if rank == 0 else ChaseLoss()),
         "update_every": odm.OnlineMixer(["a", "b"], update_every=1 + rank),
         "delay": odm.OnlineMixer(["a", "b"], delay=2 * rank),
+        "policy config": odm.OnlineMixer(["a", "b"], get_policy("exp3", gamma=0.1 * (1 + rank))),
     }
 
 
@@ -208,6 +209,14 @@ def _protocol_main(rank: int, world: int, store: str, out_dir: str) -> None:
                 got.append(mixer.proportions.tobytes())
             return got
 
+        # 3. process_group: statistics are reduced over that group only (here each rank is its own group).
+        groups = [dist.new_group([0]), dist.new_group([1])]
+        rec = Recorder()
+        solo = odm.OnlineMixer(["a", "b"], rec, process_group=groups[rank])
+        solo.observe([rank], [1.0 + rank], mix_step=0)
+        solo.step()
+        out["solo_counts"] = rec.seen[0].count.tolist()
+
         whole = run(make(), range(20))
         first = make()
         dist.all_reduce = counting_all_reduce
@@ -240,7 +249,9 @@ def test_ranks_that_disagree_fail_fast_and_a_rank_0_checkpoint_resumes_every_ran
         "update_every": "`update_every` differs (rank 0: 1; rank 1: 2)",
         "delay": "`delay` differs (rank 0: 0; rank 1: 2)",
         "batch_size": "`batch_size` differs (rank 0: 8; rank 1: 9)",
+        "policy config": "'gamma': 0.1, 'loss_smoothing'",
     }
+    assert "'gamma': 0.2, 'loss_smoothing'" in r0["policy config"][0]
     for field, words in expected.items():
         for r in (r0, r1):
             assert r[field] is not None, f"ranks with a different {field} were accepted"
@@ -255,3 +266,4 @@ def test_ranks_that_disagree_fail_fast_and_a_rank_0_checkpoint_resumes_every_ran
     for r in (r0, r1):
         assert r["rest"] == r["whole"][8:], "rank 0's checkpoint resumes this rank exactly"
     assert r0["whole"] == r1["whole"]
+    assert (r0["solo_counts"], r1["solo_counts"]) == ([1.0, 0.0], [0.0, 1.0]), "reduced over its own group only"

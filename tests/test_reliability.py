@@ -231,7 +231,12 @@ def _tampered(edit) -> dict:  # type: ignore[no-untyped-def]
     [
         (lambda s: s.pop("num_steps"), r"the checkpoint is missing `mixer\.num_steps`"),
         (lambda s: s["schedule"].pop("rows"), r"the checkpoint is missing `mixer\.schedule\.rows`"),
-        (lambda s: s["history"].pop("num_thinned"), r"the checkpoint is missing `mixer\.history\.num_thinned`"),
+        (lambda s: s.__setitem__("published", [0.5, -1.0]), r"`mixer\.published` must hold finite numbers and >= 0"),
+        (lambda s: s.pop("history_thinned"), r"the checkpoint is missing `mixer\.history_thinned`"),
+        (
+            lambda s: s["history"].__setitem__(0, [0, [0.5]]),
+            r"`mixer\.history\[0\]\.proportions` must be a list of 2 numbers, got \[0\.5\]",
+        ),
         (
             lambda s: s["schedule"]["rows"].__setitem__(0, [0, 0, [1.5, -0.5]]),
             r"`mixer\.schedule\.rows\[0\]\.proportions` must hold finite numbers and >= 0, got \[1\.5, -0\.5\]",
@@ -258,7 +263,7 @@ def _tampered(edit) -> dict:  # type: ignore[no-untyped-def]
         ),
         (lambda s: s["rng"].__setitem__("bit_generator", "MT19937"), r"`mixer\.rng` is not a PCG64 state"),
         (lambda s: s.__setitem__("version", 1), r"`mixer\.version` is 1; this odm reads mixer state version 2"),
-        (lambda s: s["history"]["steps"].__setitem__(-1, 99), r"`mixer\.history\.steps` ends at step 99"),
+        (lambda s: s["history"].__setitem__(-1, [99, [0.5, 0.5]]), r"`mixer\.history` ends at step 99"),
         (lambda s: s["policy"].__setitem__("policy", "EXP3"), r"`mixer\.policy` does not load: .*'EXP3'"),
         (
             lambda s: s.__setitem__("domains", ["d0", "x"]),
@@ -297,8 +302,45 @@ def test_a_held_out_policy_without_evaluations_is_warned_about_once_naming_the_f
             mixer.step()
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
-    assert "Recorder learns from held-out losses, but none arrived for 3 updates" in messages[0]
+    assert "Recorder learns from held-out losses but asked for held-out losses at 3 updates and got none" in messages[0]
     assert "mixer.observe_eval(loss_sum, count)" in messages[0] and "`eval_loaders`" in messages[0]
+
+
+class _NeverAsks(Policy):
+    requires = frozenset({EVAL_LOSS})
+
+    def _init_state(self, num_domains: int) -> None:
+        self._p = np.full(num_domains, 1.0 / num_domains)
+
+    def update(self, stats: DomainStats) -> None:
+        pass
+
+
+def test_a_held_out_policy_that_never_asks_is_warned_about_after_100_updates_without_evaluations():
+    mixer = odm.OnlineMixer(_names(2), _NeverAsks())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(150):
+            mixer.observe([0, 1], [1.0, 2.0], mix_step=t)
+            mixer.step()
+            if t == 98:
+                assert not caught, "not before 100 updates"
+    assert len(caught) == 1
+    assert str(caught[0].message).startswith(
+        "odm: _NeverAsks learns from held-out losses but got no held-out losses for 100 updates"
+    )
+
+
+def test_a_policy_that_asks_rarely_is_not_warned_about_between_its_asks():
+    rec = Recorder(requires=frozenset({TRAIN_LOSS, EVAL_LOSS}), wants=lambda t: t % 250 == 0)
+    mixer = odm.OnlineMixer(_names(2), rec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(600):
+            if mixer.wants_eval():
+                mixer.observe_eval([2.0, 4.0], [1.0, 1.0])
+            mixer.observe([0, 1], [1.0, 2.0], mix_step=t)
+            mixer.step()
 
 
 def test_evaluations_that_arrive_keep_the_held_out_warning_away():
@@ -342,7 +384,7 @@ def test_the_oldest_row_still_in_the_ring_answers_and_the_one_before_it_is_repor
     for b in (10, 20, 30, 40):  # five rows in a ring of four: the initial row (batch 0) left
         s.publish([b, 100 - b], effective_from=b)
     assert s.lookup(10).proportions.tolist() == [0.1, 0.9]
-    assert s.lookup(19).proportions.tolist() == [0.1, 0.9] and s.lookup(19).index == 1
+    assert s.lookup(19).proportions.tolist() == [0.1, 0.9] and s.lookup(19).position == 1
     with pytest.raises(RuntimeError, match=r"the proportions row for batch 9 has left the schedule ring"):
         s.lookup(9)
     assert [r.effective_from for r in s.rows()] == [10, 20, 30, 40]
@@ -396,3 +438,21 @@ def test_unchanged_proportions_are_not_published_again_even_when_their_sum_is_of
         mixer.observe([0, 1, 2], [1.0, 1.0, 1.0], mix_step=t)
         mixer.step()
     assert (mixer.schedule.num_rows, len(mixer.history)) == (3, 3)
+
+
+def test_a_resumed_run_publishes_exactly_the_rows_of_the_uninterrupted_one():
+    def run(mixer: odm.OnlineMixer, steps: range) -> odm.OnlineMixer:
+        for t in steps:
+            if t == 3:
+                mixer.set_proportions([1.0, 1.0, 1.0])
+            if t == 6:
+                mixer.release()
+            mixer.observe([0, 1, 2], [1.0, 1.0, 1.0], mix_step=t)
+            mixer.step()
+        return mixer
+
+    whole = run(odm.OnlineMixer(_names(3), _Unnormalised()), range(12))
+    resumed = odm.OnlineMixer(_names(3), _Unnormalised())
+    resumed.load_state_dict(roundtrip(run(odm.OnlineMixer(_names(3), _Unnormalised()), range(8)).state_dict()))
+    run(resumed, range(8, 12))
+    assert resumed.state_dict() == whole.state_dict()
