@@ -46,6 +46,8 @@ _ZERO_COUNT = 1e-9
 def ucb_index(means: np.ndarray, pulls: np.ndarray, c: float) -> np.ndarray:
     """``u_i = r̄_i + c·sqrt(2·ln n / n_i)`` with ``n = max(Σ n_i, 1)``; ``+∞`` where ``n_i = 0``."""
     total = max(float(pulls.sum()), 1.0)
+    if float(pulls.min()) > 0:  # every arm pulled: the hot path, no masking
+        return means + c * np.sqrt((2.0 * math.log(total)) / pulls)
     with np.errstate(divide="ignore", invalid="ignore"):
         bonus = c * np.sqrt(2.0 * math.log(total) / pulls)
     return np.where(pulls > 0, means + bonus, np.inf)
@@ -54,9 +56,10 @@ def ucb_index(means: np.ndarray, pulls: np.ndarray, c: float) -> np.ndarray:
 def ucb_proportions(index: np.ndarray, gamma: float, *, seed: int, step: int) -> np.ndarray:
     """``(1−γ)·onehot(argmax u) + γ/K``; ties broken uniformly by a generator keyed on ``(seed, step)``."""
     k = index.shape[0]
-    best = np.flatnonzero(index == index.max())
-    choice = int(best[0])
-    if best.size > 1:
+    choice = int(index.argmax())
+    top = index[choice]
+    if np.count_nonzero(index == top) > 1:
+        best = np.flatnonzero(index == top)
         choice = int(best[np.random.default_rng((seed, step)).integers(best.size)])
     p = np.full(k, gamma / k)
     p[choice] += 1.0 - gamma
@@ -79,7 +82,7 @@ def ucb1_update(
     pulled = shares > 0
     new_pulls = pulls + shares
     if reward_smoothing is None:
-        weight = np.where(pulled, shares / np.where(pulled, new_pulls, 1.0), 0.0)
+        weight = np.divide(shares, new_pulls, out=np.zeros_like(shares), where=pulled)
     else:
         weight = np.where(pulls > 0, 1.0 - np.power(reward_smoothing, shares), 1.0)
         weight = np.where(pulled, weight, 0.0)
