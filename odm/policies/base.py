@@ -270,8 +270,10 @@ class Policy(ABC):
     def set_publish_delay(self, delay: int) -> None:  # noqa: B027 - optional hook
         """Tells the policy how many updates pass between publishing proportions and observing batches drawn
         under them: proportions published at update ``u`` are first drawn in the batches of update
-        ``u + delay + 1`` (the batches of the ``delay`` updates in between were already in flight). The mixer
-        calls it once after binding; most policies ignore it (the default does nothing)."""
+        ``u + delay + 1`` (the batches of the ``delay`` updates in between were already in flight). For a mixer
+        whose rows apply ``D`` batches after the publish and that updates every ``E`` steps of one batch each,
+        ``delay = ceil(D / E)`` (an update that mixes old and new batches counts as old). The mixer calls it
+        once after binding; most policies ignore it (the default does nothing)."""
 
     def _usable(self, stats: DomainStats, *, losses: bool = True) -> float:
         """:func:`check_stats` for this policy: shapes checked, a non-finite update skipped with a warning.
