@@ -86,9 +86,8 @@ class Aioli(Policy):
         round_steps: ``U``, updates per round (probes included); must be ``≥ R·K·s`` (checked at bind).
             ``None`` (default): ``max(250, 2·R·K·s)`` — the authors' 250 for few domains, and rounds that keep
             at least half their updates for exploitation when K is large (K = 22 with the defaults: 704).
-            Kept for long runs; in short ones probes dominate: on ``benchmarks/quality.py`` (K = 12, 800 steps,
-            3 seeds) the default ended +0.28 bits per byte behind uniform and ``round_steps=100, sweeps=1,
-            probe_steps=2`` +0.14, so pass those below a few thousand steps.
+            Meant for long runs: below a few thousand steps the probes dominate; pass e.g. ``round_steps=100,
+            sweeps=1, probe_steps=2`` there (evidence in ``docs/policies.md``).
         sweeps: ``R``, random permutations of the domains per round.
         probe_steps: ``s``, updates drawn under each probe mixture.
         probe_weight: ``f ∈ (0, 1]``, weight of the probed domain (``≠ 1/K``: the probes would coincide).

@@ -407,14 +407,9 @@ class EXP3S(EXP3):
         eta: learning rate ``η > 0``; default ``γ/K`` (Auer et al.).
         prior: initial weights ``π``, to which the shared weight also flows back (normalised, every entry > 0);
             default uniform.
-        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. Evidence for the
-            choice: on ``benchmarks/quality.py`` at full size (12 real domains, 800 steps, 3 seeds), against
-            uniform: ``"progress"`` −0.018 ± 0.013 bits per byte (every seed), ``"loss"`` −0.015 ± 0.013; EXP3
-            −0.022 ± 0.028 vs +0.002 ± 0.016; from natural proportions (``prior=``) −0.049 ± 0.030, as good as
-            natural proportions alone (−0.046). On the demo's noise domain ``"loss"`` spends 0.59 of the samples
-            on noise and ``"progress"`` 0.23. The default stays ``"loss"`` (the classic bandit, ODM's reward):
-            the benchmark's differences are within the seed noise; prefer ``"progress"`` when a domain may be
-            unlearnable.
+        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. The default reward
+            is ``"loss"`` (the classic bandit, ODM's reward); prefer ``"progress"`` when a domain may be
+            unlearnable (evidence in ``docs/policies.md``).
 
     Example:
         >>> from odm.policies import DomainStats

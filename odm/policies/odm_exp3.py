@@ -125,10 +125,8 @@ class ODM(Policy):
     ``≥ ε_t``; during the warm-up they are the initial proportions and nothing is learned.
 
     Args:
-        variant: ``"paper"`` (Algorithm 1 of the paper, the default) or ``"released"`` (the authors' scripts).
-            The default is chosen on ``benchmarks/quality.py`` (12 real domains, 3 seeds, 600 steps): paper
-            −0.014 ± 0.029 bits per byte against uniform, released +0.011 ± 0.011; in the demo the released rule
-            spends 0.74 of the samples on an unlearnable noise domain, the paper rule 0.27.
+        variant: ``"paper"`` (Algorithm 1 of the paper, the default) or ``"released"`` (the authors' scripts);
+            the released rule chases an unlearnable domain much harder (evidence in ``docs/policies.md``).
         alpha: smoothing ``α ∈ (0, 1)`` (weight on the old estimate). Default: 0.9 for ``"paper"`` (our choice),
             0.5 for ``"released"`` (the released scripts).
         warmup_steps: updates (``stats.step ≤ warmup_steps``) ignored at the start; the paper uses 1% of the

@@ -182,11 +182,8 @@ class UCB1(_UCB):
 
     Args:
         c: exploration constant ``c > 0`` of the confidence bonus.
-        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5, chosen
-            on ``benchmarks/quality.py`` (12 real domains, 800 steps, 3 seeds): with ``γ = 0.1`` each batch is
-            90 % one domain and the model ended +0.99 bits per byte behind uniform sampling (UCB1; the
-            discounted and sliding-window variants alike); ``γ = 0.5`` cut that to +0.27 (UCB1) and +0.44
-            (discounted), still behind uniform at this scale.
+        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5: with
+            ``γ = 0.1`` each batch is 90 % one domain (evidence in ``docs/policies.md``).
         reward_smoothing: ``None`` for all-time mean rewards, or the EMA weight ``β ∈ (0, 1)`` on the old mean.
         seed: keys the tie-breaking generator (with the update's step).
         reward, loss_smoothing, progress_smoothing, scale_decay: see
@@ -231,8 +228,8 @@ class DiscountedUCB(_UCB):
     Args:
         c: exploration constant ``c > 0`` of the confidence bonus.
         discount: ``γ_d ∈ (0, 1)``; the memory is about ``1/(1−γ_d)`` updates.
-        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5, chosen
-            on ``benchmarks/quality.py`` (see :class:`UCB1`).
+        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5 (see
+            :class:`UCB1`).
         seed: keys the tie-breaking generator (with the update's step).
         reward, loss_smoothing, progress_smoothing, scale_decay: see
             :class:`odm.policies.bandits.BanditPolicy`.
@@ -290,8 +287,8 @@ class SlidingWindowUCB(_UCB):
     Args:
         c: exploration constant ``c > 0`` of the confidence bonus.
         window: ``τ ≥ 1`` updates.
-        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5, chosen
-            on ``benchmarks/quality.py`` (see :class:`UCB1`).
+        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5 (see
+            :class:`UCB1`).
         seed: keys the tie-breaking generator (with the update's step).
         reward, loss_smoothing, progress_smoothing, scale_decay: see
             :class:`odm.policies.bandits.BanditPolicy`.
