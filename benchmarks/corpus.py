@@ -5,14 +5,21 @@
 
 Fetches Debian packages with ``apt-get download`` (never installs them) and two pinned PyPI wheels with
 ``pip download --no-deps``, unpacks them (``dpkg-deb -x``, ``zipfile``), extracts plain text per domain, and
-writes one folder per domain holding ``train.jsonl`` and ``val.jsonl`` (``{"text": ...}`` per line), plus a
-``manifest.json`` recording the fetched package versions, the cap and the bytes and documents per split.
+writes one folder per domain holding ``train.jsonl``, ``feedback.jsonl`` and ``test.jsonl`` (``{"text": ...,
+"id": ...}`` per line), plus a ``manifest.json`` recording the fetched package versions, the caps and the bytes,
+documents and groups per split.
 
-Split: a document (a file, or a run of ~16 KB of consecutive records: dictionary entries, Bible chapters,
-quotes) goes to validation when ``int(sha1("<domain>/<doc id>"), 16) % 1000 < 50``; the assignment of a
-document never depends on the others, so it is stable when documents are added. Cap: documents are taken in
-the order of that same hash (a deterministic sample spread over the whole domain, not its first folder) until
-the domain holds ``--max-mb`` megabytes of text.
+Split, three ways: ``train``; ``feedback``, held-out documents a policy may evaluate on while it trains
+(Aioli, Skill-It and DynamixSFT rewards); ``test``, held-out documents used only to score the trained model. The
+unit of the split is a *group* of documents that share a source (:func:`group_of`): a source file's folder for
+code (a Go or C package, a Python package), one file for licences, man pages, docs and fortune files, one
+botocore service, and blocks of ~128 KB of consecutive records for the single-file sources (the dictionary,
+the Bible, set.mm), so held-out text never has a neighbour in train. A group goes to ``test`` when
+``int(sha1("<domain>/<group>"), 16) % 1000 < 50``, to ``feedback`` when that is in ``[50, 100)``; the
+assignment of a group never depends on the others, so it is stable when documents are added. Cap: ``train``
+takes documents in the order of their own hash (a deterministic sample spread over the whole domain, not its
+first folder) until it holds ``--max-mb`` MB; ``feedback`` and ``test`` are drawn the same way from the whole
+domain (not only the capped part) up to ``--held-out-mb`` each, so a small cap still leaves them many documents.
 
 Idempotent: downloads are cached under ``<out>/_downloads``; a domain whose files and manifest entry match the
 requested cap is not rebuilt. Nothing here is committed to the repository.
@@ -39,9 +46,12 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: three-way split by source group (was: train/val by document)
 DEFAULT_OUT = Path(os.environ.get("ODM_CORPUS", Path.home() / ".cache" / "odm" / "corpus"))
-VAL_PER_MILLE = 50
+TEST_PER_MILLE = 50  # groups with sha1 % 1000 < 50 are test ...
+FEEDBACK_PER_MILLE = 50  # ... and the next 50 per mille are feedback
+SPLITS = ("train", "feedback", "test")
+BLOCK_RUNS = 8  # consecutive record runs per group in single-file sources (~128 KB)
 RUN_BYTES = 16_384  # target size of a document made of consecutive records
 
 # PyPI wheels pinned by CORPUS.md.
@@ -411,39 +421,80 @@ def doc_hash(domain: str, doc_id: str) -> int:
     return int(hashlib.sha1(f"{domain}/{doc_id}".encode()).hexdigest(), 16)
 
 
-def is_val(domain: str, doc_id: str) -> bool:
-    """The split rule: validation iff ``sha1("<domain>/<doc id>") mod 1000 < 50``."""
-    return doc_hash(domain, doc_id) % 1000 < VAL_PER_MILLE
+def group_of(domain: str, doc_id: str) -> str:
+    """The unit of the split: documents of one group are all in the same split.
+
+    ``dir/file`` ids (code, man pages, docs) group by folder (a package); top-level files are their own group;
+    run ids ``source:index`` group by source (a fortune file, a botocore service, a pari manual) unless the
+    source is one big stream of records (the dictionary, the Bible, Austen, set.mm): then by blocks of
+    ``BLOCK_RUNS`` consecutive runs.
+    """
+    if ":" in doc_id:
+        source, index = doc_id.rsplit(":", 1)
+        if domain == "json_data":  # "service/version:i" -> the service
+            return source.split("/", 1)[0]
+        if source in ("gcide", "kjv", "set.mm") or source.startswith("austen"):
+            return f"{source}:{int(index) // BLOCK_RUNS}"
+        return source
+    if domain in ("code_python", "code_go", "code_c") and "/" in doc_id:
+        return doc_id.rsplit("/", 1)[0]
+    return doc_id
 
 
-def write_domain(domain: str, docs: Iterable[Doc], out: Path, max_bytes: int) -> dict[str, int]:
-    """Splits and caps ``docs``, writes ``out/<domain>/{train,val}.jsonl``; returns sizes."""
+def split_of(domain: str, doc_id: str) -> str:
+    """The split rule: ``test`` iff ``sha1("<domain>/<group>") mod 1000 < 50``, ``feedback`` iff in ``[50, 100)``."""
+    h = doc_hash(domain, group_of(domain, doc_id)) % 1000
+    if h < TEST_PER_MILLE:
+        return "test"
+    return "feedback" if h < TEST_PER_MILLE + FEEDBACK_PER_MILLE else "train"
+
+
+def write_domain(
+    domain: str, docs: Iterable[Doc], out: Path, max_bytes: int, held_out_bytes: int | None = None
+) -> dict[str, int]:
+    """Splits and caps ``docs``, writes ``out/<domain>/{train,feedback,test}.jsonl``; returns sizes.
+
+    ``held_out_bytes`` caps ``feedback`` and ``test`` each (default: ``max_bytes // 5``).
+    """
+    held_out_bytes = max_bytes // 5 if held_out_bytes is None else held_out_bytes
+    caps = {"train": max_bytes, "feedback": held_out_bytes, "test": held_out_bytes}
     ordered = sorted(((doc_hash(domain, i), i, t) for i, t in docs if t.strip()), key=lambda x: x[0])
     folder = out / domain
     folder.mkdir(parents=True, exist_ok=True)
-    stats = {"train_bytes": 0, "val_bytes": 0, "train_docs": 0, "val_docs": 0, "available_bytes": 0}
-    tmp = {s: folder / f".{s}.jsonl.tmp" for s in ("train", "val")}
-    with tmp["train"].open("w", encoding="utf-8") as ftrain, tmp["val"].open("w", encoding="utf-8") as fval:
-        total = 0
-        for h, doc_id, text in ordered:
+    stats = {f"{s}_{k}": 0 for s in SPLITS for k in ("bytes", "docs", "groups")} | {"available_bytes": 0}
+    groups: dict[str, set[str]] = {s: set() for s in SPLITS}
+    tmp = {s: folder / f".{s}.jsonl.tmp" for s in SPLITS}
+    files = {s: tmp[s].open("w", encoding="utf-8") for s in SPLITS}
+    try:
+        for _, doc_id, text in ordered:
             n = len(text.encode("utf-8"))
             stats["available_bytes"] += n
-            if total >= max_bytes:
+            split = split_of(domain, doc_id)
+            if stats[f"{split}_bytes"] >= caps[split]:
                 continue
-            split = "val" if h % 1000 < VAL_PER_MILLE else "train"
-            (fval if split == "val" else ftrain).write(
-                json.dumps({"text": text, "id": doc_id}, ensure_ascii=False) + "\n"
-            )
+            files[split].write(json.dumps({"text": text, "id": doc_id}, ensure_ascii=False) + "\n")
             stats[f"{split}_bytes"] += n
             stats[f"{split}_docs"] += 1
-            total += n
-    for s, path in tmp.items():
-        path.replace(folder / f"{s}.jsonl")
+            groups[split].add(group_of(domain, doc_id))
+    finally:
+        for f in files.values():
+            f.close()
+    for s in SPLITS:
+        stats[f"{s}_groups"] = len(groups[s])
+        tmp[s].replace(folder / f"{s}.jsonl")
+    stale = folder / "val.jsonl"  # recipe 1's two-way split: never read beside the three-way one
+    if stale.exists():
+        stale.unlink()
     return stats
 
 
 def build(
-    out: Path = DEFAULT_OUT, *, max_mb: float = 50.0, domains: Iterable[str] | None = None, force: bool = False
+    out: Path = DEFAULT_OUT,
+    *,
+    max_mb: float = 50.0,
+    held_out_mb: float | None = None,
+    domains: Iterable[str] | None = None,
+    force: bool = False,
 ) -> dict:
     """Builds (or completes) the corpus under ``out``; returns the manifest."""
     names = list(DOMAINS) if domains is None else list(domains)
@@ -452,32 +503,47 @@ def build(
         raise ValueError(f"unknown domain(s) {unknown}; known: {list(DOMAINS)}")
     if not max_mb > 0:
         raise ValueError(f"`max_mb` must be positive, got {max_mb!r}")
+    held_out_mb = max_mb / 5 if held_out_mb is None else held_out_mb
+    if not held_out_mb > 0:
+        raise ValueError(f"`held_out_mb` must be positive, got {held_out_mb!r}")
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.setdefault("domains", {})
-    manifest.update(recipe_version=RECIPE_VERSION, max_mb=max_mb, val_per_mille=VAL_PER_MILLE)
+    manifest.update(
+        recipe_version=RECIPE_VERSION,
+        max_mb=max_mb,
+        held_out_mb=held_out_mb,
+        test_per_mille=TEST_PER_MILLE,
+        feedback_per_mille=FEEDBACK_PER_MILLE,
+    )
+    manifest.pop("val_per_mille", None)
     downloads = out / "_downloads"
     for domain in names:
         packages, wheels, extract = DOMAINS[domain]
         entry = manifest["domains"].get(domain, {})
-        done = all((out / domain / f"{s}.jsonl").exists() for s in ("train", "val"))
-        if done and not force and entry.get("max_mb") == max_mb and entry.get("recipe_version") == RECIPE_VERSION:
+        done = all((out / domain / f"{s}.jsonl").exists() for s in SPLITS)
+        same = (entry.get("max_mb"), entry.get("held_out_mb"), entry.get("recipe_version"))
+        if done and not force and same == (max_mb, held_out_mb, RECIPE_VERSION):
             print(f"{domain:<13} up to date ({entry['train_bytes'] / 1e6:.1f} MB train)")
             continue
         start = time.perf_counter()
         versions = fetch(packages, wheels, downloads)
         with tempfile.TemporaryDirectory(prefix=f"odm-{domain}-") as tmp:
             unpack(packages, wheels, downloads, Path(tmp))
-            stats = write_domain(domain, extract(Path(tmp)), out, int(max_mb * 1e6))
-        entry = {**stats, "packages": versions, "max_mb": max_mb, "recipe_version": RECIPE_VERSION}
+            stats = write_domain(domain, extract(Path(tmp)), out, int(max_mb * 1e6), int(held_out_mb * 1e6))
+        entry = {**stats, "packages": versions, "max_mb": max_mb, "held_out_mb": held_out_mb}
+        entry["recipe_version"] = RECIPE_VERSION
         entry["seconds"] = round(time.perf_counter() - start, 1)
         manifest["domains"][domain] = entry
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         print(
-            f"{domain:<13} train {stats['train_bytes'] / 1e6:6.2f} MB ({stats['train_docs']} docs)  "
-            f"val {stats['val_bytes'] / 1e6:5.2f} MB ({stats['val_docs']} docs)  "
-            f"of {stats['available_bytes'] / 1e6:6.1f} MB  [{entry['seconds']} s]"
+            f"{domain:<13} "
+            + "  ".join(
+                f"{s} {stats[s + '_bytes'] / 1e6:5.2f} MB ({stats[s + '_docs']} docs, {stats[s + '_groups']} groups)"
+                for s in SPLITS
+            )
+            + f"  of {stats['available_bytes'] / 1e6:6.1f} MB  [{entry['seconds']} s]"
         )
     return manifest
 
@@ -488,11 +554,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--max-mb", type=float, default=50.0, help="cap per domain, MB of text (default 50; quick: 5)")
+    parser.add_argument(
+        "--held-out-mb", type=float, help="cap of the feedback and the test split each, MB (default max-mb / 5)"
+    )
     parser.add_argument("--domains", nargs="+", choices=list(DOMAINS), help="build only these domains")
     parser.add_argument("--force", action="store_true", help="rebuild domains that are up to date")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    build(args.out, max_mb=args.max_mb, domains=args.domains, force=args.force)
+    build(args.out, max_mb=args.max_mb, held_out_mb=args.held_out_mb, domains=args.domains, force=args.force)
     print(f"corpus in {args.out} ({time.perf_counter() - start:.0f} s)")
     return 0
 
