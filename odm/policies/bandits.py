@@ -307,14 +307,18 @@ class BanditPolicy(Policy):
 
     def _reward_state(self) -> dict[str, Any]:
         return {
-            "smoothed_loss": self._smoothed_loss.copy(),
+            # The loss reward never reads the smoothed loss: None keeps NaN (never-updated) entries out of the
+            # checkpoint, so two equal states compare equal.
+            "smoothed_loss": None if self.reward == "loss" else self._smoothed_loss.copy(),
             "progress": self._progress.copy(),
             "scale": self._scale,
             "offset": self._offset,
         }
 
     def _set_reward_state(self, state: dict[str, Any]) -> None:
-        self._smoothed_loss = np.array(state["smoothed_loss"], dtype=np.float64)
+        saved = state["smoothed_loss"]
+        k = self._progress.shape[0] if saved is None else len(saved)
+        self._smoothed_loss = np.full(k, np.nan) if saved is None else np.array(saved, dtype=np.float64)
         self._progress = np.array(state["progress"], dtype=np.float64)
         self._scale = float(state["scale"])
         self._offset = float(state.get("offset", 0.0))  # absent in states saved before negative-loss handling
