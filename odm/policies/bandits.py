@@ -43,7 +43,16 @@ from odm._checks import check_choice as _check_choice
 from odm._checks import check_float
 from odm.policies.base import DomainStats, Policy, check_proportions
 
-__all__ = ["EXP3", "EXP3S", "RewardOptions", "exp3_update", "exp3s_update", "importance_estimates", "scaled_rewards"]
+__all__ = [
+    "EXP3",
+    "EXP3S",
+    "RewardOptions",
+    "exp3_update",
+    "exp3s_update",
+    "importance_estimates",
+    "loss_rewards",
+    "scaled_rewards",
+]
 
 REWARDS = ("loss", "progress")
 
@@ -82,12 +91,20 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 def importance_estimates(values: np.ndarray, count: np.ndarray, proportions: np.ndarray) -> np.ndarray:
     """Importance-weighted estimates ``x̂_i = x_i·s_i/p_i`` for pulled domains (``s_i`` their sample share), 0
     for the others. ``values`` may hold NaN where ``count == 0``."""
-    total = count.sum()
+    total = float(count.sum())
+    if total > 0 and math.isfinite(float(values.sum())):
+        # Hot path: finite values (0 where not pulled, as the rewards are): no masking needed.
+        return values * count / (total * np.maximum(proportions, MIN_PROPORTION))
     share = count / total if total > 0 else np.zeros_like(count)
     pulled = count > 0
     with np.errstate(invalid="ignore"):
         est = values * share / np.maximum(proportions, MIN_PROPORTION)
     return np.where(pulled, est, 0.0)
+
+
+def _estimates(rewards: np.ndarray, count: np.ndarray, total: float, proportions: np.ndarray) -> np.ndarray:
+    """:func:`importance_estimates` for rewards known finite (0 where not pulled) and a checked ``total``."""
+    return rewards * count / (total * np.maximum(proportions, MIN_PROPORTION))
 
 
 def scaled_rewards(
@@ -144,6 +161,28 @@ def scaled_rewards(
     return np.where(pulled, rewards, 0.0), new_smoothed, new_progress, new_scale, new_offset
 
 
+def loss_rewards(
+    loss_sum: np.ndarray, count: np.ndarray, scale: float, offset: float, scale_decay: float
+) -> tuple[np.ndarray, float, float]:
+    """The ``"loss"`` branch of :func:`scaled_rewards` in a few numpy calls (the hot path of every loss
+    bandit): ``clip((L − m)/M, 0, 1)`` for pulled domains, 0 for the others.
+
+    Returns:
+        ``(rewards, scale, offset)``.
+    """
+    pulled = count > 0
+    loss = np.divide(loss_sum, count, out=np.zeros_like(loss_sum), where=pulled)
+    low = float(loss.min())
+    if low < 0 or offset < 0:
+        offset = min(scale_decay * offset, low, 0.0)
+        loss = np.where(pulled, loss - offset, 0.0)
+    # Every entry is now >= 0, so the largest |raw| is the largest entry.
+    scale = max(scale_decay * scale, float(loss.max()))
+    if scale <= 0:
+        return np.zeros_like(loss), scale, offset
+    return np.minimum(loss * (1.0 / scale), 1.0), scale, offset
+
+
 def logsumexp(x: np.ndarray) -> float:
     """``ln Σ exp(x_i)``, shifted by the maximum (``np.logaddexp.reduce`` is exact too, but ~10x slower)."""
     top = float(x.max())
@@ -168,9 +207,13 @@ def exp3_update(
     """
     g = gains + estimates
     g -= g.max()
-    z = eta * g if log_prior is None else eta * g + log_prior
-    w = np.exp(z - z.max())
-    p = (1.0 - gamma) * (w / w.sum()) + gamma / g.shape[0]
+    if log_prior is None:
+        w = np.exp(eta * g)  # max(η·G) = 0 already: no second shift
+    else:
+        z = eta * g + log_prior
+        w = np.exp(z - z.max())
+    p = w * ((1.0 - gamma) / float(w.sum()))
+    p += gamma / g.shape[0]
     return g, p
 
 
@@ -234,15 +277,20 @@ class BanditPolicy(Policy):
         self._warned_negative = False
 
     def _rewards(self, stats: DomainStats) -> np.ndarray:
-        if self.reward == "loss" and not self._warned_negative and float(stats.loss_sum.min()) < 0:
-            self._warned_negative = True
-            warnings.warn(
-                f"odm: {type(self).__name__} got a negative loss with reward='loss' (log-likelihoods?); losses are "
-                "shifted by their running minimum so that rewards stay informative. Pass losses where lower is "
-                "better and non-negative (e.g. cross-entropy), or use reward='progress'",
-                RuntimeWarning,
-                stacklevel=3,
+        if self.reward == "loss":  # the smoothed loss only feeds the progress reward
+            rewards, self._scale, self._offset = loss_rewards(
+                stats.loss_sum, stats.count, self._scale, self._offset, self.scale_decay
             )
+            if self._offset < 0 and not self._warned_negative:  # the offset turns negative with the first one
+                self._warned_negative = True
+                warnings.warn(
+                    f"odm: {type(self).__name__} got a negative loss with reward='loss' (log-likelihoods?); losses "
+                    "are shifted by their running minimum so that rewards stay informative. Pass losses where lower "
+                    "is better and non-negative (e.g. cross-entropy), or use reward='progress'",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return rewards
         rewards, self._smoothed_loss, self._progress, self._scale, self._offset = scaled_rewards(
             stats.mean_loss,
             stats.observed,
@@ -259,14 +307,18 @@ class BanditPolicy(Policy):
 
     def _reward_state(self) -> dict[str, Any]:
         return {
-            "smoothed_loss": self._smoothed_loss.copy(),
+            # The loss reward never reads the smoothed loss: None keeps NaN (never-updated) entries out of the
+            # checkpoint, so two equal states compare equal.
+            "smoothed_loss": None if self.reward == "loss" else self._smoothed_loss.copy(),
             "progress": self._progress.copy(),
             "scale": self._scale,
             "offset": self._offset,
         }
 
     def _set_reward_state(self, state: dict[str, Any]) -> None:
-        self._smoothed_loss = np.array(state["smoothed_loss"], dtype=np.float64)
+        saved = state["smoothed_loss"]
+        k = self._progress.shape[0] if saved is None else len(saved)
+        self._smoothed_loss = np.full(k, np.nan) if saved is None else np.array(saved, dtype=np.float64)
         self._progress = np.array(state["progress"], dtype=np.float64)
         self._scale = float(state["scale"])
         self._offset = float(state.get("offset", 0.0))  # absent in states saved before negative-loss handling
@@ -334,9 +386,10 @@ class EXP3(BanditPolicy):
         self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if not self._usable(stats):
+        total = self._usable(stats)
+        if not total:
             return
-        estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
+        estimates = _estimates(self._rewards(stats), stats.count, total, stats.proportions)
         self._gains, self._p = exp3_update(self._gains, estimates, self.gamma, self._learning_rate(), self._log_prior)
 
     def _get_state(self) -> dict[str, Any]:
@@ -358,14 +411,9 @@ class EXP3S(EXP3):
         eta: learning rate ``η > 0``; default ``γ/K`` (Auer et al.).
         prior: initial weights ``π``, to which the shared weight also flows back (normalised, every entry > 0);
             default uniform.
-        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. Evidence for the
-            choice: on ``benchmarks/quality.py`` at full size (12 real domains, 800 steps, 3 seeds), against
-            uniform: ``"progress"`` −0.018 ± 0.013 bits per byte (every seed), ``"loss"`` −0.015 ± 0.013; EXP3
-            −0.022 ± 0.028 vs +0.002 ± 0.016; from natural proportions (``prior=``) −0.049 ± 0.030, as good as
-            natural proportions alone (−0.046). On the demo's noise domain ``"loss"`` spends 0.59 of the samples
-            on noise and ``"progress"`` 0.23. The default stays ``"loss"`` (the classic bandit, ODM's reward):
-            the benchmark's differences are within the seed noise; prefer ``"progress"`` when a domain may be
-            unlearnable.
+        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. The default reward
+            is ``"loss"`` (the classic bandit, ODM's reward); prefer ``"progress"`` when a domain may be
+            unlearnable (evidence in ``docs/policies.md``).
 
     Example:
         >>> from odm.policies import DomainStats
@@ -401,9 +449,10 @@ class EXP3S(EXP3):
         self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if not self._usable(stats):
+        total = self._usable(stats)
+        if not total:
             return
-        estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
+        estimates = _estimates(self._rewards(stats), stats.count, total, stats.proportions)
         self._log_weights, self._p = exp3s_update(
             self._log_weights, estimates, self.gamma, self._learning_rate(), self.alpha, self._log_prior
         )

@@ -158,32 +158,36 @@ def check_proportions(p: Any, num_domains: int | None = None, *, name: str = "pr
     return arr / arr.sum()
 
 
-def check_stats(stats: DomainStats, num_domains: int, policy: str, *, losses: bool = True) -> bool:
+def check_stats(stats: DomainStats, num_domains: int, policy: str, *, losses: bool = True) -> float:
     """Whether ``stats`` can update a policy: checks the shapes, and skips (warning, state unchanged) an update
     with a non-finite count, proportion or — with ``losses`` — a non-finite loss of a drawn domain.
 
     Returns:
-        False for a skipped update or one with no samples, else True.
+        The update's total count ``Σ count`` (truthy), or 0.0 for a skipped update or one with no samples.
 
     Raises:
         ValueError: if an array does not have one entry per domain.
     """
-    for field in ("loss_sum", "count", "proportions"):
-        shape = np.shape(getattr(stats, field))
-        if shape != (num_domains,):
-            raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
-    # Fast path (the mixer's stats are always finite): one sum propagates any NaN or inf.
-    total = float(stats.count.sum())
-    if math.isfinite(total + float(stats.proportions.sum()) + (float(stats.loss_sum.sum()) if losses else 0.0)):
-        return total > 0
+    want = (num_domains,)
+    loss_sum, count, proportions = stats.loss_sum, stats.count, stats.proportions
+    if not (np.shape(loss_sum) == want and np.shape(count) == want and np.shape(proportions) == want):
+        for field in ("loss_sum", "count", "proportions"):
+            shape = np.shape(getattr(stats, field))
+            if shape != want:
+                raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
+    # Fast path (the mixer's stats are always finite): a sum and a dot product propagate any NaN or inf (inf·0
+    # is NaN); a finite overflow only sends the update down the exact path below.
+    total = float(count.sum())
+    if math.isfinite(total + float(loss_sum @ proportions if losses else proportions.sum())):
+        return total if total > 0 else 0.0
     bad = stats.observed & ~np.isfinite(stats.loss_sum) if losses else np.zeros(num_domains, dtype=bool)
     if bad.any() or not (np.all(np.isfinite(stats.count)) and np.all(np.isfinite(stats.proportions))):
         what = f"non-finite loss for domain(s) {np.flatnonzero(bad).tolist()}" if bad.any() else "non-finite counts"
         warnings.warn(
             f"odm: {policy} skipped update {stats.step}: {what}; its state is unchanged", RuntimeWarning, stacklevel=3
         )
-        return False
-    return total > 0
+        return 0.0
+    return total if total > 0 else 0.0
 
 
 def _plain_config(value: Any) -> Any:
@@ -266,11 +270,14 @@ class Policy(ABC):
     def set_publish_delay(self, delay: int) -> None:  # noqa: B027 - optional hook
         """Tells the policy how many updates pass between publishing proportions and observing batches drawn
         under them: proportions published at update ``u`` are first drawn in the batches of update
-        ``u + delay + 1`` (the batches of the ``delay`` updates in between were already in flight). The mixer
-        calls it once after binding; most policies ignore it (the default does nothing)."""
+        ``u + delay + 1`` (the batches of the ``delay`` updates in between were already in flight). For a mixer
+        whose rows apply ``D`` batches after the publish and that updates every ``E`` steps of one batch each,
+        ``delay = ceil(D / E)`` (an update that mixes old and new batches counts as old). The mixer calls it
+        once after binding; most policies ignore it (the default does nothing)."""
 
-    def _usable(self, stats: DomainStats, *, losses: bool = True) -> bool:
-        """:func:`check_stats` for this policy: shapes checked, a non-finite update skipped with a warning."""
+    def _usable(self, stats: DomainStats, *, losses: bool = True) -> float:
+        """:func:`check_stats` for this policy: shapes checked, a non-finite update skipped with a warning.
+        Returns the update's total count (0.0, falsy, when it cannot update the policy)."""
         return check_stats(stats, self.num_domains, type(self).__name__, losses=losses)
 
     # -- binding ---------------------------------------------------------------------------------------------

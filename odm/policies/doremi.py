@@ -62,9 +62,7 @@ class DoReMi(Policy):
 
     Args:
         eta: ``η > 0``, step size. Default 0.1, not the authors' 1.0 (tuned for proxy training with loss
-            weights): sampling online on ``benchmarks/quality.py`` (12 real domains, 800 steps, 3 seeds, reference
-            = uniform's losses) ``η = 1`` ended +0.20 ± 0.11 bits per byte behind uniform and ``η = 0.1`` +0.008
-            ± 0.012; on the demo's scale ``η = 1`` swings to one domain within a few updates.
+            weights, not online sampling; evidence in ``docs/policies.md``).
         smoothing: ``c ∈ [0, 1]``, weight of the uniform mixture (1e-3 in the authors' runs).
         reference: per-domain reference losses ``(K,)``, or a callable ``step -> (K,)`` (``stats.step``), e.g.
             a lookup into a reference run's loss curve. When an update carries ``stats.reference_loss`` (the

@@ -123,6 +123,29 @@ def test_probes_are_pipelined_so_each_probe_is_exactly_s_batches_under_its_mixtu
             assert all(np.allclose(world.drawn[b], expected) for b in range(lo, hi))
 
 
+@pytest.mark.parametrize("delay", [0, 2, 5])
+def test_a_publish_delay_given_by_the_mixer_pipelines_the_probes_from_the_first_round(delay):
+    """With ``set_publish_delay`` no mixture change has to be seen first: after the first probe (which also
+    holds the ``delay`` batches already in flight when the round opened) every probe of the first round is
+    exactly s batches under its mixture, back to back, and the solve is exact."""
+    k, r, s, u = 3, 2, 3, 60
+    given = Aioli(round_steps=u, sweeps=r, probe_steps=s).bind(k)
+    given.set_publish_delay(delay)
+    assert given.lag == delay
+    world = LinearWorld(_true_a(k), delay=delay)
+    world.run(given, 1 + u)
+    first_round = [e for e in world.evals if e < 1 + u]
+    assert np.diff(first_round).tolist() == [s + delay] + [s] * (r * k - 1)
+    order = given._order_of(1)
+    for n, (lo, hi) in enumerate(itertools.pairwise(first_round)):
+        expected = probe_mixture(int(order[n]), k, given.probe_weight)
+        assert all(np.allclose(world.drawn[b], expected) for b in range(max(lo, 1 + delay), hi))
+    np.testing.assert_allclose(given.estimate, _true_a(k) / _true_a(k).sum(), rtol=1e-9)
+    assert given.lag == delay  # never re-learned
+    with pytest.raises(ValueError, match="`delay`"):
+        given.set_publish_delay(-1)
+
+
 def test_round_one_update_from_uniform_is_softmax_of_eta_times_column_sums():
     a = _true_a(3, seed=4)
     policy = Aioli(round_steps=30, sweeps=1, probe_steps=2, probe_weight=1.0, eta=0.5).bind(3)
