@@ -81,7 +81,7 @@ def test_every_requested_policy_is_built_and_trained_and_writes_finite_results(t
     # a policy the benchmark could not build is a failure here, not a run
     assert saved["skipped"] == {}
     summary = saved["summary"]["policies"]
-    assert list(summary) == wanted
+    assert sorted(summary) == sorted(wanted)
     assert saved["domains"] == ["letters", "prose", "sums"]
     assert "uniform" in stem.with_suffix(".md").read_text()
     assert stem.with_name(stem.name + "-proportions.png").stat().st_size > 0
@@ -91,13 +91,13 @@ def test_every_requested_policy_is_built_and_trained_and_writes_finite_results(t
         assert s["seeds"] == [0, 1], label
         assert all(math.isfinite(v) for v in s["mean_bpb"] + s["weighted_bpb"]), label
         assert set(s["per_domain_bpb"]) == {"letters", "prose", "sums"}
-        assert np.isclose(sum(s["mean_proportions"]), 1.0)
+        assert sum(s["mean_proportions"]) == pytest.approx(1.0, abs=1e-3)  # stored to 4 decimals
     # units: bits per byte; a model that guesses uniformly over 256 bytes scores exactly 8
     for r in saved["runs"]:
         assert len(r["curve"]) >= 2 and r["curve"][-1][0] == 12
         assert 0 < np.mean(r["final_bpb"]) < 8.0
         assert np.mean(r["curve"][-1][1]) < np.mean(r["curve"][0][1])  # it learns
-    assert np.allclose(summary["uniform"]["mean_proportions"], 1 / 3)
+    assert np.allclose(summary["uniform"]["mean_proportions"], 1 / 3, atol=1e-4)
     # DoReMi trains against uniform's run of the same seed: its compute counts that run too
     assert summary["doremi"]["reference_run"] == "uniform"
     uniform_cpu = np.mean([r["train_cpu_seconds"] for r in saved["runs"] if r["policy"] == "uniform"])
@@ -333,7 +333,7 @@ def test_an_interrupted_run_resumes_from_its_finished_runs(tmp_path: Path, capsy
     resumed = quality.run(data, labels=["uniform"], tag="t", **common)
     assert "resuming: 1 finished run(s)" in capsys.readouterr().out
     fresh = quality.run(data, labels=["uniform"], tag="fresh", **common)
-    assert resumed["runs"][0]["curve"] == fresh["runs"][0]["curve"]
+    assert json.dumps(resumed["runs"][0]["curve"]) == json.dumps(fresh["runs"][0]["curve"])
     assert not list((tmp_path / "o").glob("*.partial.jsonl"))
 
 
@@ -367,7 +367,9 @@ def test_report_merges_split_runs_into_the_result_of_one_run_and_refuses_mismatc
     assert list(merged["summary"]["policies"]) == ["uniform", "natural"]
     for label in ("uniform", "natural"):
         for key in ("mean_bpb", "weighted_bpb", "per_domain_bpb", "delta_vs_uniform", "steps_to_uniform"):
-            assert merged["summary"]["policies"][label][key] == whole["summary"]["policies"][label][key], key
+            # compared as JSON: one seed leaves the standard errors NaN (never equal to themselves)
+            got, want = merged["summary"]["policies"][label][key], whole["summary"]["policies"][label][key]
+            assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True), key
     assert next((tmp_path / "merged").glob("quality-m-*.md")).read_text().count("natural") >= 1
     # the same (policy, seed) twice is kept once when identical ...
     again = quality.report([both, first], out=tmp_path / "again", tag="a2")
