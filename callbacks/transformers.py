@@ -290,12 +290,10 @@ class OnlineMixingMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _mix_save(self, checkpoint_dir: str) -> None:
-        # Under the loader's checkpoint protocol its state is local (every rank's stream rows travel in the
-        # mixer's step() collective) and only the saving process would need to call it. NOTE: every rank calls
-        # it, so a loader whose state_dict() still gathers the ranks (a collective) works too; it is cheap.
-        state = self.loader.state_dict()
+        # The loader's state is local (every rank's stream rows at the cut travel in the mixer's step()
+        # collective), so the process that saves writes it alone and that one file resumes every rank.
         if self.args.should_save:
-            torch.save(state, os.path.join(checkpoint_dir, LOADER_STATE_NAME))
+            torch.save(self.loader.state_dict(), os.path.join(checkpoint_dir, LOADER_STATE_NAME))
 
 
 class _MixingCallback(TrainerCallback):

@@ -144,7 +144,7 @@ def test_every_micro_batch_is_observed_and_the_mixer_steps_once_per_optimizer_st
     trainer, recording = train(tmp_path, gradient_accumulation_steps=accumulation, max_steps=4, save_steps=100)
     mixer = trainer.loader.mixer
     assert [b[0] for b in trainer.batches] == list(range(4 * accumulation)), "consecutive batches, none skipped"
-    assert mixer.state_dict()["step"] == 4
+    assert mixer.num_steps == 4
     # every sample of every micro-batch reached the mixer, and the proportions moved after each optimizer step
     assert mixer.state_dict()["num_samples"] == 4 * accumulation * BATCH
     assert len(recording.proportions) == 4
