@@ -225,6 +225,40 @@ def test_an_epoch_based_run_ends_and_resumes_on_a_loader_with_num_batches(tmp_pa
     assert resumed.batches == whole.batches[5:]
 
 
+def test_a_policy_that_asks_for_held_out_losses_gets_each_domains_from_its_own_loader(tmp_path: Path) -> None:
+    from conftest import Recorder
+
+    from odm.policies import EVAL_LOSS, TRAIN_LOSS
+
+    policy = Recorder(requires=frozenset({TRAIN_LOSS, EVAL_LOSS}), wants=lambda update: update == 2)
+    held_out = {"noise": [collate(byte_sequences("noise", 4))], "digits": [collate(byte_sequences("digits", 4))]}
+    expected: dict[str, float] = {}
+
+    class Checked(OnlineMixingTrainer):
+        def _mix_evaluate(self) -> None:  # the reference, computed the slow way at the same moment
+            with torch.no_grad():
+                for d, batches in held_out.items():
+                    self.model.eval()
+                    out = self.model(input_ids=batches[0]["input_ids"])
+                    self.model.train()
+                    expected[d] = float(causal_lm_sample_losses(out.logits, batches[0]["labels"])[0].mean())
+            super()._mix_evaluate()
+
+    trainer = Checked(
+        make_loader(policy),
+        model=make_model(),
+        args=make_args(tmp_path, max_steps=3, save_steps=9),
+        eval_loaders=held_out,
+    )
+    trainer.train()
+    evals = [s.eval_loss for s in policy.seen]
+    assert evals[0] is None and evals[2] is None, "evaluated only when the policy asked"
+    assert evals[1] is not None and np.isnan(evals[1][DOMAINS.index("letters")]), "no loader, no held-out loss"
+    for d in held_out:
+        assert evals[1][DOMAINS.index(d)] == pytest.approx(expected[d], rel=1e-6)
+    assert trainer.model.training, "train mode restored after the evaluation"
+
+
 # -- errors ----------------------------------------------------------------------------------------------------
 def test_the_trainer_refuses_what_it_cannot_train_on(tmp_path: Path) -> None:
     args = make_args(tmp_path)
