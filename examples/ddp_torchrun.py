@@ -1,7 +1,7 @@
 """Online data mixing under DDP, launched by torchrun (CPU, gloo).
 
 Every rank builds the same ``MixtureLoader``: each reads its own shard of every domain, and the mixer's one
-``all_reduce`` per step makes the proportions identical on every rank. Rank 0 writes the checkpoint.
+``all_reduce`` per step makes the proportions identical on every rank. Rank 0 alone writes the checkpoint.
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_torchrun.py --steps 50 --out /tmp/odm-ddp
 
@@ -65,11 +65,10 @@ def main(argv: list[str] | None = None) -> None:
             loader.mixer.step()  # one all_reduce: every rank feeds its policy the same global statistics
             ids.extend(batch["id"].tolist())
             history.append(loader.mixer.proportions.tolist())
-        state = loader.state_dict()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            torch.save(state, out / "loader.pt")
+        if rank == 0:  # no collective: rank 0's state holds every rank's stream positions (gathered in step())
+            torch.save(loader.state_dict(), out / "loader.pt")
         record = {"rank": rank, "world_size": dist.get_world_size(), "ids": ids, "proportions": history}
         (out / f"rank{rank}.json").write_text(json.dumps(record))
         if rank == 0:

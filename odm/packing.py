@@ -168,6 +168,11 @@ class PackedMixtureDataset(torch.utils.data.IterableDataset):
         if schedule.num_domains != len(self.domains):
             raise ValueError(f"`schedule` has {schedule.num_domains} domains but `sources` has {len(self.domains)}")
         self.schedule = schedule
+        # What odm.MixtureLoader reads from its dataset (and saves in its checkpoint's configuration): packing
+        # mixes tokens, restarts every pass and has no repetition budget.
+        self.granularity = "token"
+        self.exhausted = "restart"
+        self.max_passes: list[int | None] = [None] * len(self.domains)
         # Set by the process that owns the loader before workers start (as for odm.MixtureDataset).
         self.rank = 0
         self.world_size = 1
@@ -175,6 +180,8 @@ class PackedMixtureDataset(torch.utils.data.IterableDataset):
         # Shared (1 + num_workers, state_width) int64 block, or None: row 0 column 0 holds the next global batch;
         # row 1 + slot holds that slot's PackingIterator.state_row, column 0 = -1 while fresh.
         self.resume: torch.Tensor | None = None
+        # A packed loader does not resume on another topology (its carried documents and deficits are per slot).
+        self.plans: None = None
 
     @property
     def num_domains(self) -> int:

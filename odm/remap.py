@@ -30,7 +30,7 @@ import numpy as np
 from odm.policies import Policy
 from odm.policies.base import from_plain, to_plain
 
-__all__ = ["remap_mixer_state", "remap_policy_state", "remap_proportions"]
+__all__ = ["remap_mixer_state", "remap_policy_state", "remap_proportions", "remap_stream_rows"]
 
 
 def remap_proportions(p: Any, old: Sequence[str], new: Sequence[str], prior: Any) -> np.ndarray:
@@ -173,7 +173,33 @@ def remap_mixer_state(state: Mapping[str, Any], *, domains: Sequence[str], polic
     ]
     out["schedule"] = schedule
     zero = np.zeros(len(new))
-    out["history"] = [(s, remap_proportions(p, old, new, zero).tolist()) for s, p in state["history"]]
+    history = state["history"]
+    if isinstance(history, Mapping):  # {"steps", "rows", …}
+        out["history"] = {**history, "rows": [remap_proportions(p, old, new, zero).tolist() for p in history["rows"]]}
+    else:  # [(step, proportions), …]
+        out["history"] = [(s, remap_proportions(p, old, new, zero).tolist()) for s, p in history]
     out["override"] = None
     out["pending"] = None
+    return out
+
+
+def remap_stream_rows(rows: Sequence[Sequence[int]], old: Sequence[str], new: Sequence[str]) -> list[list[int]]:
+    """A loader's stream rows ``[next_batch, epochs(K), positions(K), active(K)]`` carried from ``old`` domains
+    to ``new`` ones: a common domain keeps its pass and position, a new one starts its first pass.
+
+    Example:
+        >>> remap_stream_rows([[5, 1, 0, 7, 3, 1, 1], [-1] * 7], ["a", "b"], ["b", "c"])
+        [[5, 0, 0, 3, 0, 1, 1], [-1, -1, -1, -1, -1, -1, -1]]
+    """
+    k, new = len(old), list(new)
+    out = []
+    for row in rows:
+        if row[0] < 0:  # a slot that made no batch stays fresh
+            out.append([-1] * (1 + 3 * len(new)))
+            continue
+        cols = [
+            [row[1 + part * k + old.index(d)] if d in old else (1 if part == 2 else 0) for d in new]
+            for part in range(3)
+        ]
+        out.append([int(row[0]), *cols[0], *cols[1], *cols[2]])
     return out

@@ -211,3 +211,29 @@ def test_bad_documents_name_their_domain():
         next(iter(PackedMixtureDataset({"a": [{"text": "x"}]}, batch_size=1, pack_length=4)))
     with pytest.raises(ValueError, match="'b' has no tokens"):
         next(iter(PackedMixtureDataset({"a": [[1, 2]], "b": [[]]}, batch_size=1, pack_length=4)))
+
+
+def test_resume_through_the_shared_block_under_two_workers_continues_bit_for_bit():
+    """The contract a loader relies on: rows attached to each batch, written into ``resume``, restart every
+    worker slot exactly where the taken batches left it (the slots mid-document)."""
+    from odm.dataset import STATE_KEY
+
+    sources = _corpus([50.0, 400.0], num_docs=60)
+
+    def loader(resume: torch.Tensor | None):
+        ds = PackedMixtureDataset(sources, batch_size=2, pack_length=96, seed=1)
+        ds.attach_state, ds.resume = True, resume
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+
+    whole = [b for _, b in zip(range(14), loader(None))]
+    block = torch.full((3, PackedMixtureDataset(sources, batch_size=2, pack_length=96).state_width), -1)
+    for _, batch in zip(range(7), loader(None)):
+        state = batch.pop(STATE_KEY)
+        block[1 + state["slot"]] = torch.tensor(state["row"])
+        block[0, 0] = state["row"][0]
+    assert (block[1:, -1] > 0).all(), "both slots must be mid-document at the cut"
+    rest = [b for _, b in zip(range(7), loader(block))]
+    for a, b in zip(whole[7:], rest):
+        a.pop(STATE_KEY)
+        b.pop(STATE_KEY)
+        _same_batch(a, b)
