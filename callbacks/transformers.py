@@ -248,7 +248,7 @@ class OnlineMixingMixin:
         """The Trainer's ``log``; a training log (one with ``loss``) gains ``mix/p/*`` and ``mix/loss/*``.
 
         ``mix/loss/<domain>`` is the token-weighted mean training loss of the domain since the previous log,
-        summed over the ranks (every rank logs at the same steps, so the one all_reduce is safe).
+        summed over the data-parallel ranks (every rank logs at the same steps, so the one all_reduce is safe).
         """
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             logs = {**logs, **self._mix_metrics()}
@@ -259,8 +259,9 @@ class OnlineMixingMixin:
         if self._mix_window is not None:
             flat = torch.cat(self._mix_window).cpu().numpy()
             self._mix_window = None
-            if distributed():
-                flat = all_reduce_host(flat)
+            group = self.mixer.process_group  # the data-parallel group: each replica's samples counted once
+            if distributed(group):
+                flat = all_reduce_host(flat, group)
             k = self.mixer.num_domains
             for d, s, n in zip(self.mixer.domains, flat[:k], flat[k:], strict=True):
                 if n > 0:
