@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
         try:
             from odm.callbacks import online_mixing
         except ImportError as err:
-            if err.name not in ("lightning", "torchmetrics"):
+            if (err.name or "").split(".")[0] not in ("lightning", "torchmetrics"):
                 raise
             raise ImportError(f"odm.callbacks.{name} needs Lightning: pip install 'torch-odm[lightning]'") from err
         return getattr(online_mixing, name)

@@ -248,7 +248,7 @@ class OnlineMixingMixin:
         """The Trainer's ``log``; a training log (one with ``loss``) gains ``mix/p/*`` and ``mix/loss/*``.
 
         ``mix/loss/<domain>`` is the token-weighted mean training loss of the domain since the previous log,
-        summed over the ranks (every rank logs at the same steps, so the one all_reduce is safe).
+        summed over the data-parallel ranks (every rank logs at the same steps, so the one all_reduce is safe).
         """
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             logs = {**logs, **self._mix_metrics()}
@@ -259,8 +259,9 @@ class OnlineMixingMixin:
         if self._mix_window is not None:
             flat = torch.cat(self._mix_window).cpu().numpy()
             self._mix_window = None
-            if distributed():
-                flat = all_reduce_host(flat)
+            group = self.mixer.process_group  # the data-parallel group: each replica's samples counted once
+            if distributed(group):
+                flat = all_reduce_host(flat, group)
             k = self.mixer.num_domains
             for d, s, n in zip(self.mixer.domains, flat[:k], flat[k:], strict=True):
                 if n > 0:
@@ -290,12 +291,10 @@ class OnlineMixingMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _mix_save(self, checkpoint_dir: str) -> None:
-        # Under the loader's checkpoint protocol its state is local (every rank's stream rows travel in the
-        # mixer's step() collective) and only the saving process would need to call it. NOTE: every rank calls
-        # it, so a loader whose state_dict() still gathers the ranks (a collective) works too; it is cheap.
-        state = self.loader.state_dict()
+        # The loader's state is local (every rank's stream rows at the cut travel in the mixer's step()
+        # collective), so the process that saves writes it alone and that one file resumes every rank.
         if self.args.should_save:
-            torch.save(state, os.path.join(checkpoint_dir, LOADER_STATE_NAME))
+            torch.save(self.loader.state_dict(), os.path.join(checkpoint_dir, LOADER_STATE_NAME))
 
 
 class _MixingCallback(TrainerCallback):

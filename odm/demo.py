@@ -162,11 +162,14 @@ def demo_policies() -> list[str]:
 
 def _build(label: str, reference: np.ndarray | None) -> odm.Policy:
     name, kwargs = DEMO_VARIANTS.get(label, (label, {}))
-    policy = odm.policies.get_policy(name, **kwargs)
     # A policy that measures excess loss against a reference run (DoReMi) gets uniform's final held-out loss.
-    if "reference" in inspect.signature(type(policy)).parameters:
+    try:
+        policy = odm.policies.get_policy(name, **kwargs)
+    except TypeError:
         if reference is None:
-            raise TypeError("needs reference losses (from a `uniform` run in the same comparison)")
+            raise TypeError("needs reference losses (from a `uniform` run in the same comparison)") from None
+        return odm.policies.get_policy(name, **kwargs, reference=reference)
+    if reference is not None and "reference" in inspect.signature(type(policy)).parameters:
         policy = odm.policies.get_policy(name, **kwargs, reference=reference)
     return policy
 

@@ -104,7 +104,7 @@ def plot_proportions(
     mixer = _mixer(mixer)
     steps, proportions = proportions_over_time(mixer)
     # Each row holds from its step to the next row's; a later row at the same step replaces it.
-    end = int(until) if until is not None else max(int(getattr(mixer, "num_steps", 0)), int(steps[-1]) + 1)
+    end = int(until) if until is not None else max(int(mixer.num_steps), int(steps[-1]) + 1)
     xs = np.append(steps, max(end, int(steps[-1]))).astype(np.float64)
     ys = np.vstack([proportions, proportions[-1:]])
     fig, ax = plt.subplots(figsize=(7, 3.6))

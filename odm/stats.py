@@ -26,8 +26,12 @@ __all__ = ["DomainLoss", "evaluate_domains"]  # noqa: F822 (DomainLoss: module _
 
 def __getattr__(name: str) -> Any:
     if name == "DomainLoss":
-        from odm.domain_loss import DomainLoss
-
+        try:
+            from odm.domain_loss import DomainLoss
+        except ImportError as err:
+            if (err.name or "").split(".")[0] != "torchmetrics":
+                raise
+            raise ImportError("odm.stats.DomainLoss needs torchmetrics: pip install 'torch-odm[lightning]'") from err
         return DomainLoss
     raise AttributeError(f"module 'odm.stats' has no attribute {name!r}")
 

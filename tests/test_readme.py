@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SHORTER = {"range(1000)": "range(30)", "max_steps=1000": "max_steps=4", "save_steps=500": "save_steps=2"}
+SHORTER = {
+    "num_batches=1000": "num_batches=30",
+    "num_batches=500": "num_batches=3",
+    "range(1000)": "range(30)",
+    "max_steps=1000": "max_steps=4",
+    "save_steps=500": "save_steps=2",
+}
 
 
 def python_blocks() -> list[str]:
@@ -135,14 +141,15 @@ def test_every_readme_python_block_runs_as_written(
             exec(compile(shortened(block), f"README.md python block {i + 1}", "exec"), ns)
         except Exception as err:
             raise AssertionError(f"README python block {i + 1} failed:\n{block}") from err
-        if "for step, batch in zip(" in block:
-            assert ns["step"] == 29, "snippet 1 ends after its bounded number of batches"
-            assert ns["loader"].mixer.state_dict()["step"] == 30
+        if "for batch in loader:" in block:  # snippet 1 ends: one epoch of num_batches
+            assert ns["loader"].mixer.num_steps == 30 and int(ns["batch"]["mix_step"]) == 29
+        if "max_epochs=2" in block:  # snippet 2 ends: two epochs of num_batches
+            assert ns["loader"].mixer.num_steps == 6
         if "OnlineMixingTrainer" in block:
             assert (tmp_path / "out" / "checkpoint-2" / "odm_loader.pt").is_file()
-            assert ns["loader"].mixer.state_dict()["step"] == 4, "one mixer step per optimizer step"
+            assert ns["loader"].mixer.num_steps == 4, "one mixer step per optimizer step"
         if "mixer.sample(" in block:
-            assert ns["checkpoint"]["mixer"]["step"] == 30  # range(1000), shortened
+            assert ns["checkpoint"]["mixer"]["num_steps"] == 30  # range(1000), shortened
         if "simulate(" in block:  # the output shown under the block is what it prints
             shown = re.search(re.escape(block) + r"```\n```\n(.*?)```", README.read_text(), flags=re.S)
             assert shown is not None, "the simulate block is followed by its output"

@@ -144,7 +144,7 @@ def test_every_micro_batch_is_observed_and_the_mixer_steps_once_per_optimizer_st
     trainer, recording = train(tmp_path, gradient_accumulation_steps=accumulation, max_steps=4, save_steps=100)
     mixer = trainer.loader.mixer
     assert [b[0] for b in trainer.batches] == list(range(4 * accumulation)), "consecutive batches, none skipped"
-    assert mixer.state_dict()["step"] == 4
+    assert mixer.num_steps == 4
     # every sample of every micro-batch reached the mixer, and the proportions moved after each optimizer step
     assert mixer.state_dict()["num_samples"] == 4 * accumulation * BATCH
     assert len(recording.proportions) == 4
@@ -223,6 +223,40 @@ def test_an_epoch_based_run_ends_and_resumes_on_a_loader_with_num_batches(tmp_pa
         tmp_path / "b", resume=tmp_path / "a" / "checkpoint-5", loader=make_loader(num_batches=4), **args
     )
     assert resumed.batches == whole.batches[5:]
+
+
+def test_a_policy_that_asks_for_held_out_losses_gets_each_domains_from_its_own_loader(tmp_path: Path) -> None:
+    from conftest import Recorder
+
+    from odm.policies import EVAL_LOSS, TRAIN_LOSS
+
+    policy = Recorder(requires=frozenset({TRAIN_LOSS, EVAL_LOSS}), wants=lambda update: update == 2)
+    held_out = {"noise": [collate(byte_sequences("noise", 4))], "digits": [collate(byte_sequences("digits", 4))]}
+    expected: dict[str, float] = {}
+
+    class Checked(OnlineMixingTrainer):
+        def _mix_evaluate(self) -> None:  # the reference, computed the slow way at the same moment
+            with torch.no_grad():
+                for d, batches in held_out.items():
+                    self.model.eval()
+                    out = self.model(input_ids=batches[0]["input_ids"])
+                    self.model.train()
+                    expected[d] = float(causal_lm_sample_losses(out.logits, batches[0]["labels"])[0].mean())
+            super()._mix_evaluate()
+
+    trainer = Checked(
+        make_loader(policy),
+        model=make_model(),
+        args=make_args(tmp_path, max_steps=3, save_steps=9),
+        eval_loaders=held_out,
+    )
+    trainer.train()
+    evals = [s.eval_loss for s in policy.seen]
+    assert evals[0] is None and evals[2] is None, "evaluated only when the policy asked"
+    assert evals[1] is not None and np.isnan(evals[1][DOMAINS.index("letters")]), "no loader, no held-out loss"
+    for d in held_out:
+        assert evals[1][DOMAINS.index(d)] == pytest.approx(expected[d], rel=1e-6)
+    assert trainer.model.training, "train mode restored after the evaluation"
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
