@@ -30,6 +30,7 @@ __all__ = [
     "Progression",
     "ShardPosition",
     "Work",
+    "check_strided",
     "is_strided",
     "open_progression",
     "plans_for",
@@ -182,3 +183,17 @@ def plans_from_state(state: Any) -> list[list[Work]]:
         raise ValueError(
             f"loader state `plans` is malformed ({err}): expected [shard][domain] -> [plan, next pass]"
         ) from err
+
+
+def check_strided(domains: Sequence[str], sources: Sequence[Source]) -> None:
+    """Refuses a resume on another topology when a domain's unread rest cannot be re-dealt.
+
+    Raises:
+        ValueError: naming the domains whose sources are not strided.
+    """
+    bent = [d for d, s in zip(domains, sources) if not is_strided(s)]
+    if bent:
+        raise ValueError(
+            f"domains {bent} have sources that are not strides of one pass order (webdataset tars, self-sharding "
+            "datasets): their unread rest cannot be re-dealt to another topology; resume on the same one"
+        )
