@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     last = results[-1]
     verdict = (
-        f"At {last['updates']:,} updates, K = {k}: +{last['rss_added_mb']:.1f} MB (target <= {TARGET['added_mb']:.0f}), "
-        f"state_dict() {median(last['state_dict_ms']):.1f} ms (target <= {TARGET['state_dict_ms']:.0f})."
+        f"At {last['updates']:,} updates, K = {k}: +{last['rss_added_mb']:.1f} MB "
+        f"(target <= {TARGET['added_mb']:.0f}), state_dict() {median(last['state_dict_ms']):.1f} ms "
+        f"(target <= {TARGET['state_dict_ms']:.0f})."
     )
     notes = (
         f"`{args.policy}` at K = {k}, batch {args.batch_size}, one update per step; memory is the process's VmRSS "

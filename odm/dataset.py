@@ -10,6 +10,11 @@ the ``j``-th batch of an iteration makes global batches ``≡ start + j (mod W)`
 ``(worker + start) mod W``, and each slot owns a disjoint shard of every domain and its own random key. A run's
 data is therefore a function of the seed, the sources, ``W``, the world size and the published proportions —
 not of worker timing, nor of where an iteration (re)started.
+
+Sharding: slot ``w`` of rank ``r`` reads shard ``r * W + w`` of ``world_size * W`` of every domain, under the
+contract of :mod:`odm.sources` (sharded by odm or by the source, never both; every sample once per pass). The
+draw key holds the rank, so ranks draw different domain sequences; pass orders hold only the run's seed, so
+ranks agree on them. A slot's stream state travels as a :class:`StreamRow`.
 """
 
 from __future__ import annotations
@@ -120,12 +125,6 @@ class _DomainStream:
         self.position += got
         return got
 
-    def take(self, n: int) -> list[Any]:
-        """Up to ``n`` items of the current pass (fewer only at the end of the pass)."""
-        items: list[Any] = []
-        self.extend(items, n)
-        return items
-
     def error(self, err: Exception, item: int) -> RuntimeError:
         if isinstance(err, RuntimeError) and str(err).startswith("the source of domain"):
             return err
@@ -194,7 +193,13 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     Raises:
         ValueError: no domains, ``batch_size < 1``, unknown ``granularity`` / ``exhausted``, a bad
             ``max_passes``.
-        TypeError: a domain name that is not a string, or a source that is not iterable.
+        TypeError: a domain name that is not a string, a source that is not iterable (or a set, a dict, a
+            one-shot iterator), a Hugging Face dataset with Python-list rows under the default collate.
+
+    Example:
+        >>> ds = MixtureDataset({"a": [0, 1, 2], "b": [10, 11, 12]}, batch_size=4, max_passes=1)
+        >>> sorted(x for batch in ds for x in batch["data"].tolist())
+        [0, 1, 2, 10, 11, 12]
     """
 
     def __init__(
@@ -259,6 +264,11 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     @property
     def num_domains(self) -> int:
         return len(self.domains)
+
+    @property
+    def state_width(self) -> int:
+        """Length of a slot's stream-state row (:class:`StreamRow`), as for ``odm.packing``'s dataset."""
+        return StreamRow.width(self.num_domains)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

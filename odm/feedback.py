@@ -19,12 +19,12 @@ import torch
 
 from odm._dist import all_reduce_host, comm_device, distributed
 
-__all__ = ["DomainFeedback", "FeedbackRows", "all_reduce_host", "distributed"]
+__all__ = ["DomainFeedback", "FeedbackRows", "all_reduce_host", "distributed", "flatten_tokens"]
 
 # Device types whose losses are accumulated in numpy on the host (a CPU tensor's .numpy() is a free view).
 _HOST_DEVICE_TYPES = frozenset({"cpu"})
 _NUM_DOMAIN_ROWS = 7  # the (K,) fields of FeedbackRows
-_NUM_SCALARS = 3  # the scalar fields of FeedbackRows
+_NUM_SCALARS = 4  # the scalar fields of FeedbackRows
 
 
 @dataclasses.dataclass
@@ -45,6 +45,7 @@ class FeedbackRows:
         bad_ids: domain ids out of range, seen on an accelerator (checkable only on the host).
         bad_weights: negative or non-finite weights seen on an accelerator.
         calls: ``observe`` / ``observe_eval`` calls (tells a step with feedback from one without).
+        batches: ``observe`` calls: the micro-batches behind the training statistics.
     """
 
     loss: np.ndarray
@@ -57,6 +58,7 @@ class FeedbackRows:
     bad_ids: float = 0.0
     bad_weights: float = 0.0
     calls: float = 0.0
+    batches: float = 0.0
 
     @staticmethod
     def size(num_domains: int) -> int:
@@ -72,18 +74,30 @@ class FeedbackRows:
         """Views into ``flat`` (writing a field writes ``flat``); the scalars are copied out."""
         k = num_domains
         r = flat[: _NUM_DOMAIN_ROWS * k].reshape(_NUM_DOMAIN_ROWS, k)
-        bad_ids, bad_weights, calls = (float(x) for x in flat[_NUM_DOMAIN_ROWS * k : cls.size(k)])
-        return cls(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bad_ids=bad_ids, bad_weights=bad_weights, calls=calls)
+        bad_ids, bad_weights, calls, batches = (float(x) for x in flat[_NUM_DOMAIN_ROWS * k : cls.size(k)])
+        loss, count, samples, nonfinite, eval_sum, eval_count, drawn = r
+        return cls(loss, count, samples, nonfinite, eval_sum, eval_count, drawn, bad_ids, bad_weights, calls, batches)
+
+    @staticmethod
+    def domain_rows(flat: np.ndarray, num_domains: int) -> np.ndarray:
+        """The ``(7, K)`` per-domain rows of a packed vector (a view), indexed by ``LOSS`` … ``DRAWN``."""
+        return flat[: _NUM_DOMAIN_ROWS * num_domains].reshape(_NUM_DOMAIN_ROWS, num_domains)
+
+    @staticmethod
+    def scalars(flat: np.ndarray) -> tuple[float, float, float, float]:
+        """``(bad_ids, bad_weights, calls, batches)`` of a packed vector (exactly :meth:`size` long)."""
+        bad_ids, bad_weights, calls, batches = flat[-_NUM_SCALARS:].tolist()
+        return bad_ids, bad_weights, calls, batches
 
     def pack(self) -> np.ndarray:
         """The flat vector :meth:`unpack` reads (a new array)."""
         rows = [self.loss, self.count, self.samples, self.nonfinite, self.eval_sum, self.eval_count, self.drawn]
-        return np.concatenate([*rows, [self.bad_ids, self.bad_weights, self.calls]])
+        return np.concatenate([*rows, [self.bad_ids, self.bad_weights, self.calls, self.batches]])
 
 
 # Offsets into the packed vector, for the accumulators that write it in place (host numpy, device torch).
 LOSS, COUNT, SAMPLES, NONFINITE, EVAL_SUM, EVAL_COUNT, DRAWN = range(_NUM_DOMAIN_ROWS)
-BAD_IDS, BAD_WEIGHTS, CALLS = range(_NUM_SCALARS)  # after the K-rows
+BAD_IDS, BAD_WEIGHTS, CALLS, BATCHES = range(_NUM_SCALARS)  # after the K-rows
 
 
 def _host(x: Any, name: str) -> np.ndarray:
@@ -117,6 +131,39 @@ def _refuse_meta(**named: Any) -> None:
             )
 
 
+def flatten_tokens(token_domain: Any, loss: Any, weight: Any) -> tuple[Any, Any]:
+    """Per-token losses (and weights) of a packed batch, flattened to match ``token_domain.reshape(-1)``.
+
+    A per-sequence weight ``[B]`` applies to every token of its sequence.
+    """
+    shape = tuple(token_domain.shape) if hasattr(token_domain, "shape") else np.shape(token_domain)
+    if len(shape) != 2:
+        raise ValueError(f"batch['token_domain'] must be [B, T] (one domain id per token), got shape {shape}")
+    b, t = shape
+    loss_shape = tuple(loss.shape) if hasattr(loss, "shape") else np.shape(loss)
+    if loss_shape != shape:
+        raise ValueError(
+            f"per-token losses must have the shape of batch['token_domain'] {list(shape)}, got {list(loss_shape)}; "
+            "pass the unreduced loss (reduction='none'), reshaped to [B, T]"
+        )
+    flat_loss = loss.reshape(-1) if hasattr(loss, "reshape") else np.asarray(loss).reshape(-1)
+    if weight is None:
+        return flat_loss, None
+    w_shape = tuple(weight.shape) if hasattr(weight, "shape") else np.shape(weight)
+    if w_shape == shape:
+        return flat_loss, weight.reshape(-1) if hasattr(weight, "reshape") else np.asarray(weight).reshape(-1)
+    if w_shape == (b,):
+        if isinstance(weight, torch.Tensor):
+            return flat_loss, weight.reshape(b, 1).expand(b, t).reshape(-1)
+        return flat_loss, np.broadcast_to(np.asarray(weight, dtype=np.float64).reshape(b, 1), (b, t)).reshape(-1)
+    if w_shape == ():
+        return flat_loss, weight
+    raise ValueError(
+        f"`weight` of a packed batch must be [B, T] {list(shape)}, per sequence [B] ({b},) or one number, "
+        f"got shape {list(w_shape)}"
+    )
+
+
 class DomainFeedback:
     """Per-domain loss sums and counts of one step, on the host and (lazily) on the loss's device.
 
@@ -128,6 +175,7 @@ class DomainFeedback:
         self.num_domains = num_domains
         self.size = FeedbackRows.size(num_domains)
         self._calls_at = self.size - _NUM_SCALARS + CALLS
+        self._batches_at = self.size - _NUM_SCALARS + BATCHES
         self.reset()
 
     def reset(self) -> None:
@@ -169,6 +217,7 @@ class DomainFeedback:
         else:
             num = self._observe_host(domain, loss, weight, pad_id)
         self._acc[self._calls_at] += 1
+        self._acc[self._batches_at] += 1
         self.pending = True
         return num
 

@@ -38,7 +38,7 @@ class History:
         >>> for s in range(6):
         ...     h.append(s, np.array([0.5, 0.5]))
         >>> [s for s, _ in h]
-        [0, 2, 4, 5]
+        [0, 3, 4, 5]
     """
 
     def __init__(self, num_domains: int, *, exact: int = 1024, capacity: int = 2048) -> None:

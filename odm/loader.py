@@ -128,7 +128,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
         num_workers = check_int(num_workers, "num_workers", low=0)
         batch_size = check_int(batch_size, "batch_size", low=1)
         self.num_batches = check_int(num_batches, "num_batches", low=1, allow_none=True)
-        self._dp = self._check_dp(dp_rank, dp_world_size, process_group)
+        self._dp = self._check_dp(dp_rank, dp_world_size)
         if delay is None:
             prefetch = dataloader_kwargs.get("prefetch_factor")
             delay = num_workers * (2 if prefetch is None else check_int(prefetch, "prefetch_factor", low=1)) + 2
@@ -174,7 +174,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
         )
 
     @staticmethod
-    def _check_dp(dp_rank: Any, dp_world_size: Any, group: Any) -> tuple[int | None, int | None]:
+    def _check_dp(dp_rank: Any, dp_world_size: Any) -> tuple[int | None, int | None]:
         dp_world_size = check_int(dp_world_size, "dp_world_size", low=1, allow_none=True)
         dp_rank = check_int(dp_rank, "dp_rank", low=0, allow_none=True)
         if (dp_rank is None) != (dp_world_size is None):

@@ -1,7 +1,7 @@
 """The :class:`odm.MixtureLoader`'s resumable state: each slot's stream row at the cut, and its checks.
 
-A *stream row* is one worker slot's stream state after a batch, ``[next_batch, epochs(K), positions(K),
-active(K)]`` (all ``-1`` while the slot is fresh; see :class:`odm.dataset.MixtureIterator`). The loader
+A *stream row* is one worker slot's stream state after a batch, the flat :class:`odm.dataset.StreamRow`
+``[next_batch, epochs(K), positions(K), active(K)]`` (all ``-1`` while the slot is fresh). The loader
 records the row of every batch it hands out; :class:`SlotRows` keeps each slot's newest row (where the next
 ``iter()`` starts) and its row at the *cut* — the newest batch the mixer stepped on, which is what a
 checkpoint holds. Rows of batches taken past the cut wait in a queue until a ``step()`` moves the cut over them.
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from odm._checks import is_int
+from odm.dataset import FRESH, StreamRow
 
 __all__ = ["CONFIG_KEYS", "SlotRows", "check_streams", "config_diff", "require"]
 
@@ -62,8 +63,8 @@ class SlotRows:
 
     def __init__(self, num_slots: int, num_domains: int) -> None:
         self.num_slots = num_slots
-        self.row_len = 1 + 3 * num_domains
-        self.restore(0, [[-1] * self.row_len for _ in range(num_slots)])
+        self.row_len = StreamRow.width(num_domains)
+        self.restore(0, [[FRESH] * self.row_len for _ in range(num_slots)])
 
     def restore(self, next_batch: int, rows: list[list[int]]) -> None:
         """Starts over from a checkpoint's rows (cut and newest alike)."""
@@ -156,7 +157,7 @@ def config_diff(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> str:
 
 def check_streams(streams: Any, *, world: int, num_slots: int, row_len: int) -> list[list[list[int]]]:
     """``streams[rank][slot]`` as int rows, checked for shape and range; errors name the entry."""
-    k = (row_len - 1) // 3
+    k = (row_len - 1) // 3  # StreamRow.width(k) == row_len
 
     def fail(path: str, what: str) -> ValueError:
         return ValueError(f"loader state streams{path} {what}")
@@ -174,10 +175,11 @@ def check_streams(streams: Any, *, world: int, num_slots: int, row_len: int) -> 
             if not isinstance(row, list | tuple) or len(row) != row_len or not all(is_int(v) for v in row):
                 raise fail(path, f"must be {row_len} integers, got {row!r:.120}")
             row = [int(v) for v in row]
-            if row[0] == -1:
-                if any(v != -1 for v in row):
+            rec = StreamRow.unpack(row, k)
+            if rec.next_batch == FRESH:
+                if any(v != FRESH for v in row):
                     raise fail(path, f"is marked fresh (-1) but holds positions: {row}")
-            elif row[0] < 1 or min(row[1 : 1 + 2 * k]) < 0 or not set(row[1 + 2 * k :]) <= {0, 1}:
+            elif rec.next_batch < 1 or min(rec.epochs + rec.positions) < 0 or not set(rec.active) <= {0, 1}:
                 raise fail(path, f"= {row} is out of range: [next batch >= 1, epochs >= 0, positions >= 0, active 0/1]")
             rows.append(row)
         out.append(rows)

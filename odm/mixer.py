@@ -29,36 +29,34 @@ import numpy as np
 import torch
 
 from odm._checks import check_domain_names, check_int, check_seed
-from odm._dist import distributed, rank_world
 from odm._draw import largest_remainder
-from odm._state import StateError, read, read_int, read_simplex, read_vector
+from odm._state import StateError
 from odm.agreement import check_agreement, policy_config
-from odm.feedback import DomainFeedback, FeedbackRows
+from odm.collective import StepCollective
+from odm.feedback import (
+    COUNT,
+    DRAWN,
+    EVAL_COUNT,
+    EVAL_SUM,
+    LOSS,
+    NONFINITE,
+    SAMPLES,
+    DomainFeedback,
+    FeedbackRows,
+    flatten_tokens,
+)
 from odm.history import History
+from odm.mixer_state import STATE_VERSION, check_state
 from odm.policies import EVAL_LOSS, DomainStats, Policy, get_policy
 from odm.policies.constraints import Constraints
 from odm.schedule import MODE_EXACT, MODE_SAMPLE, ProportionSchedule, check_simplex
 
 __all__ = ["OnlineMixer"]
 
-_STATE_VERSION = 2
 #: Updates a held-out policy may ask for an evaluation and get none before the mixer warns.
 EVAL_PATIENCE = 3
 #: Updates without any evaluation after which a policy that requires them is warned about.
 EVAL_PATIENCE_UPDATES = 100
-
-
-def _domain_diff(saved: list[str], mine: list[str]) -> str:
-    missing = [d for d in saved if d not in mine]
-    extra = [d for d in mine if d not in saved]
-    parts = []
-    if missing:
-        parts.append(f"the checkpoint has {missing} which this run lacks")
-    if extra:
-        parts.append(f"this run has {extra} which the checkpoint lacks")
-    if not parts:
-        parts.append(f"same names in another order: checkpoint {saved}, this run {mine}")
-    return "; ".join(parts)
 
 
 class OnlineMixer:
@@ -151,8 +149,7 @@ class OnlineMixer:
         self.history = History(k)
         self.history.append(0, self.schedule.latest().proportions)
         self._feedback = DomainFeedback(k)
-        self._payloads: dict[str, tuple[Callable[[int], np.ndarray], int]] = {}
-        self._gathered: dict[str, np.ndarray] = {}
+        self._collective = StepCollective(process_group)
         self.agreement_fields: dict[str, Any] = {}
         self._agreed = False
 
@@ -330,7 +327,7 @@ class OnlineMixer:
                 mix_step = batch["mix_step"]
             if "token_domain" in batch:
                 domain, pad_id = batch["token_domain"], -1
-                loss, weight = _flatten_tokens(domain, loss, weight)
+                loss, weight = flatten_tokens(domain, loss, weight)
             elif "domain" in batch:
                 domain = batch["domain"]
             else:
@@ -394,13 +391,7 @@ class OnlineMixer:
         Raises:
             ValueError: an empty key, a key already registered, or a negative length.
         """
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"`key` must be a non-empty string, got {key!r}")
-        if key in self._payloads:
-            raise ValueError(f"a payload {key!r} is already registered")
-        if not callable(local_fn):
-            raise TypeError(f"`local_fn` must be callable, got {type(local_fn).__name__}")
-        self._payloads[key] = (local_fn, check_int(length, "length", low=0))
+        self._collective.register(key, local_fn, length)
 
     def gathered(self, key: str) -> np.ndarray | None:
         """Every rank's payload ``key`` as of the last :meth:`step`: ``(world, length)`` float64 (world: the
@@ -409,9 +400,7 @@ class OnlineMixer:
         Raises:
             KeyError: ``key`` was never registered.
         """
-        if key not in self._payloads:
-            raise KeyError(f"no payload {key!r} is registered (registered: {sorted(self._payloads)})")
-        return self._gathered.get(key)
+        return self._collective.get(key)
 
     @property
     def cut_batch(self) -> int | None:
@@ -449,50 +438,6 @@ class OnlineMixer:
             # collective would leave the other ranks waiting, so weigh it with the oldest row kept instead.
             return self.schedule.rows()[0].proportions
 
-    def _local_tail(self, cut: int) -> tuple[np.ndarray, BaseException | None]:
-        """This rank's segment [next batch, failed flag, payloads…], and the exception a payload raised."""
-        parts: list[Any] = [np.array([float(self._local_next), 0.0])]
-        error: BaseException | None = None
-        for key, (fn, length) in self._payloads.items():
-            try:
-                arr = np.asarray(fn(cut), dtype=np.float64).reshape(-1)
-                if arr.shape != (length,):
-                    raise ValueError(f"payload {key!r} returned {arr.size} numbers, registered with {length}")
-            except Exception as err:  # re-raised after the collective, so no rank is left waiting
-                arr = np.zeros(length)
-                parts[0][1] = 1.0
-                error = error or err
-            parts.append(arr)
-        return np.concatenate(parts), error
-
-    def _reduce(self, cut: int) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
-        """The step's one collective: this step's packed statistics (summed over the ranks), the batch clock
-        (one past the newest ``mix_step`` on any rank) and every rank's payloads."""
-        group = self.process_group
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized() and distributed(group)
-        if not dist and not self._payloads:  # the common single-process case: nothing rides along
-            flat = self._feedback.reduce(self._drawn_under, None, group, dist)
-            return flat, self._local_next, {}
-        tail, error = self._local_tail(cut)
-        rank, world = rank_world(group) if dist else (0, 1)
-        if world > 1:
-            block = np.zeros((world, tail.size))
-            block[rank] = tail
-            tail = block.reshape(-1)
-        flat = self._feedback.reduce(self._drawn_under, tail, group, dist)
-        size = self._feedback.size
-        segments = flat[size:].reshape(world, -1)
-        failed = np.flatnonzero(segments[:, 1])
-        if failed.size:
-            if error is not None:
-                raise error
-            raise ValueError(f"odm: rank(s) {failed.tolist()} failed to provide the loader's payload at this step")
-        gathered, offset = {}, 2
-        for key, (_, length) in self._payloads.items():
-            gathered[key] = segments[:, offset : offset + length].copy()
-            offset += length
-        return flat[:size], int(segments[:, 0].max()), gathered
-
     def step(self) -> None:
         """Ends a training step: reduces its statistics (one collective under DDP); every ``update_every``-th
         step with feedback also updates the policy and publishes.
@@ -507,8 +452,10 @@ class OnlineMixer:
         if not self._agreed:
             self.check_agreement()
         cut = self._local_next - 1
-        step_rows, next_batch, gathered = self._reduce(cut)
-        bad_ids, bad_weights, calls = step_rows[-3:].tolist()
+        step_rows, next_batch, gathered = self._collective.reduce(
+            self._feedback, self._drawn_under, self._local_next, cut
+        )
+        bad_ids, bad_weights, calls, _ = FeedbackRows.scalars(step_rows)
         if bad_ids or bad_weights:
             self._feedback.reset()
             raise ValueError(
@@ -517,7 +464,7 @@ class OnlineMixer:
                 "because they were on an accelerator); this step's feedback was dropped"
             )
         if not calls:
-            self._gathered.update(gathered)
+            self._collective.gathered.update(gathered)
             self._warn(
                 "idle",
                 "odm: step() was called with no observe() since the previous step(); it changed nothing. Call "
@@ -538,7 +485,7 @@ class OnlineMixer:
         # Commit: nothing below raises.
         self._feedback.reset()
         if gathered:
-            self._gathered.update(gathered)
+            self._collective.gathered.update(gathered)
         if next_batch > self._next_batch:
             self._next_batch = next_batch
         if cut >= 0:
@@ -553,10 +500,10 @@ class OnlineMixer:
     def _update(self, pending: np.ndarray) -> DomainStats | None:
         """Feeds the policy the statistics since the last update; returns them (``None``: no update)."""
         k = self.num_domains
-        rows = pending[: 7 * k].reshape(7, k)  # the FeedbackRows layout; only the rows needed are taken
+        rows = FeedbackRows.domain_rows(pending, k)  # only the rows needed are taken (views)
         eval_loss = None
-        if pending[3 * k : 6 * k].any():  # non-finite losses or held-out losses (one check for the usual none)
-            nonfinite, eval_sum, eval_count = rows[3], rows[4], rows[5]
+        if rows[NONFINITE : EVAL_COUNT + 1].any():  # non-finite or held-out losses (one check for the usual none)
+            nonfinite, eval_sum, eval_count = rows[NONFINITE], rows[EVAL_SUM], rows[EVAL_COUNT]
             if nonfinite.any():
                 self._warn_once("loss", nonfinite > 0, nonfinite, "loss value(s)")
             if eval_count.any():
@@ -567,19 +514,20 @@ class OnlineMixer:
                     self._warn_once("eval", bad, eval_count, "held-out loss sum(s) over this many samples")
                     eval_loss[bad] = np.nan
         self._track_evals(eval_loss is not None)
-        count = rows[1]
+        count = rows[COUNT]
         if not count.any() and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
             return None  # nothing usable observed: the policy stays as it was
-        drawn = rows[6]
+        drawn = rows[DRAWN]
         total = drawn.sum()
         # NOTE: views of `pending`, a fresh array no one else keeps once this update is committed.
         stats = DomainStats(
-            loss_sum=rows[0],
+            loss_sum=rows[LOSS],
             count=count,
             proportions=drawn / total if total > 0 else self._latest.copy(),
             step=self._num_updates + 1,
-            num_samples=self._num_samples + round(float(rows[2].sum())),
+            num_samples=self._num_samples + round(float(rows[SAMPLES].sum())),
             eval_loss=eval_loss,
+            num_batches=max(1, round(FeedbackRows.scalars(pending)[3])),
         )
         self.policy.update(stats)
         return stats
@@ -619,7 +567,7 @@ class OnlineMixer:
         observed after the last :meth:`step` is not saved — those batches are after the cut and are replayed.
         """
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "domains": list(self.domains),
             "policy": self.policy.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -647,100 +595,28 @@ class OnlineMixer:
                 version or policy, a missing key or a field odm never writes (proportions off the simplex,
                 negative counters); each names its key path (``mixer.schedule.rows[3]``).
         """
-        state = state_dict
-        version = read(state, "version", path)
-        if version != _STATE_VERSION:
-            raise StateError(f"`{path}.version` is {version!r}; this odm reads mixer state version {_STATE_VERSION}")
-        saved = read(state, "domains", path)
-        if not isinstance(saved, list | tuple) or list(saved) != self.domains:
-            what = _domain_diff(list(saved), self.domains) if isinstance(saved, list | tuple) else repr(saved)
-            raise StateError(f"checkpoint domains differ from this mixer's: {what}")
-        k = self.num_domains
-        rows = self.schedule.check_state(read(state, "schedule", path), f"{path}.schedule")
-        history = self.history.check_state(read(state, "history", path), f"{path}.history")
-        counters = {key: read_int(state, key, path) for key in ("num_steps", "num_updates", "num_samples")}
-        next_batch = read_int(state, "next_batch", path)
-        cut_batch = read_int(state, "cut_batch", path, allow_none=True)
-        ov = read(state, "override", path)
-        override = None if ov is None else read_simplex(ov, f"{path}.override", k)
-        pending = read(state, "pending", path)
-        if pending is not None:
-            pending = read_vector(pending, f"{path}.pending", FeedbackRows.size(k))
-            unpacked = FeedbackRows.unpack(pending, k)
-            for name in ("count", "samples", "nonfinite", "eval_count", "drawn"):
-                if np.any(getattr(unpacked, name) < 0):
-                    raise StateError(f"checkpoint field `{path}.pending` holds a negative {name}: {pending.tolist()}")
-        missed = read(state, "evals_missed", path)
-        if not isinstance(missed, list | tuple) or len(missed) != 2:
-            raise StateError(f"checkpoint field `{path}.evals_missed` must be two integers, got {missed!r}")
-        rng = np.random.default_rng()
-        try:
-            rng.bit_generator.state = read(state, "rng", path)
-        except (TypeError, ValueError, KeyError) as err:
-            raise StateError(
-                f"checkpoint field `{path}.rng` is not a {type(rng.bit_generator).__name__} state: {err}"
-            ) from err
-        if history[0] and history[0][-1] > counters["num_steps"]:
-            raise StateError(
-                f"checkpoint field `{path}.history.steps` ends at step {history[0][-1]}, after "
-                f"`{path}.num_steps`={counters['num_steps']}"
-            )
+        got = check_state(state_dict, domains=self.domains, schedule=self.schedule, history=self.history, path=path)
         before = self.policy.state_dict()
         try:
-            self.policy.load_state_dict(read(state, "policy", path))
+            self.policy.load_state_dict(dict(got.policy))
         except (ValueError, TypeError, KeyError) as err:
             self.policy.load_state_dict(before)
             raise StateError(f"checkpoint field `{path}.policy` does not load: {err}") from err
         # Everything is checked: commit.
-        self.schedule.replace(rows)
-        self.history.restore(*history)
-        self._num_steps = counters["num_steps"]
-        self._num_updates = counters["num_updates"]
-        self._num_samples = counters["num_samples"]
-        self._next_batch = self._local_next = next_batch
-        self._cut_batch = cut_batch
-        self._override = override
-        self._rng = rng
-        self._pending = pending
-        self._evals_missed, self._updates_without_eval = (int(x) for x in missed)
+        self.schedule.replace(got.schedule_rows)
+        self.history.restore(*got.history)
+        self._num_steps, self._num_updates, self._num_samples = got.num_steps, got.num_updates, got.num_samples
+        self._next_batch = self._local_next = got.next_batch
+        self._cut_batch = got.cut_batch
+        self._override = got.override
+        self._rng = got.rng
+        self._pending = got.pending
+        self._evals_missed, self._updates_without_eval = got.evals_missed
         latest = self.schedule.latest()
         self._published, self._published_mode = latest.proportions.tobytes(), latest.mode
         self._latest = latest.proportions
         self._feedback.reset()
-        self._gathered.clear()
+        self._collective.gathered.clear()
 
     def __repr__(self) -> str:
         return f"OnlineMixer(domains={self.domains}, policy={self.policy!r}, delay={self.delay})"
-
-
-def _flatten_tokens(token_domain: Any, loss: Any, weight: Any) -> tuple[Any, Any]:
-    """Per-token losses (and weights) of a packed batch, flattened to match ``token_domain.reshape(-1)``.
-
-    A per-sequence weight ``[B]`` applies to every token of its sequence.
-    """
-    shape = tuple(token_domain.shape) if hasattr(token_domain, "shape") else np.shape(token_domain)
-    if len(shape) != 2:
-        raise ValueError(f"batch['token_domain'] must be [B, T] (one domain id per token), got shape {shape}")
-    b, t = shape
-    loss_shape = tuple(loss.shape) if hasattr(loss, "shape") else np.shape(loss)
-    if loss_shape != shape:
-        raise ValueError(
-            f"per-token losses must have the shape of batch['token_domain'] {list(shape)}, got {list(loss_shape)}; "
-            "pass the unreduced loss (reduction='none'), reshaped to [B, T]"
-        )
-    flat_loss = loss.reshape(-1) if hasattr(loss, "reshape") else np.asarray(loss).reshape(-1)
-    if weight is None:
-        return flat_loss, None
-    w_shape = tuple(weight.shape) if hasattr(weight, "shape") else np.shape(weight)
-    if w_shape == shape:
-        return flat_loss, weight.reshape(-1) if hasattr(weight, "reshape") else np.asarray(weight).reshape(-1)
-    if w_shape == (b,):
-        if isinstance(weight, torch.Tensor):
-            return flat_loss, weight.reshape(b, 1).expand(b, t).reshape(-1)
-        return flat_loss, np.broadcast_to(np.asarray(weight, dtype=np.float64).reshape(b, 1), (b, t)).reshape(-1)
-    if w_shape == ():
-        return flat_loss, weight
-    raise ValueError(
-        f"`weight` of a packed batch must be [B, T] {list(shape)}, per sequence [B] ({b},) or one number, "
-        f"got shape {list(w_shape)}"
-    )

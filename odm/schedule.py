@@ -17,7 +17,7 @@ import torch
 from odm._checks import check_int
 from odm._state import StateError, as_int, read, read_int, read_simplex
 
-__all__ = ["MODE_EXACT", "MODE_SAMPLE", "ProportionSchedule", "ScheduleRow", "check_simplex"]
+__all__ = ["MODE_EXACT", "MODE_SAMPLE", "ProportionSchedule", "ScheduleLookup", "ScheduleRow", "check_simplex"]
 
 #: Row mode: each sample (or batch, with batch granularity) draws its domain from the proportions.
 MODE_SAMPLE = 0
@@ -31,12 +31,21 @@ _HEADER = 2  # ring columns before the proportions: effective_from, mode
 class ScheduleRow(NamedTuple):
     """One published row: ``proportions`` of mode ``mode`` in force from batch ``effective_from`` on.
 
-    The field order lets ``p, mode, _ = schedule.lookup(b)`` read the proportions first.
+    The proportions come first, as in :class:`ScheduleLookup`.
     """
 
     proportions: np.ndarray
     mode: int
     effective_from: int
+
+
+class ScheduleLookup(NamedTuple):
+    """The row in force for a batch: its ``proportions`` and ``mode``, and ``index``, its position among every
+    row published (the newest is ``num_rows - 1``; a reader may reuse it while no newer row exists)."""
+
+    proportions: np.ndarray
+    mode: int
+    index: int
 
 
 def check_simplex(p: Any, num_domains: int, name: str = "proportions") -> np.ndarray:
@@ -156,8 +165,8 @@ class ProportionSchedule:
         n = int(count[0])
         return 0 if n <= self.capacity else int(rows[n % self.capacity, 0])
 
-    def lookup(self, batch: int) -> ScheduleRow:
-        """The row in force for global batch ``batch``.
+    def lookup(self, batch: int) -> ScheduleLookup:
+        """The row in force for global batch ``batch``, and its index.
 
         Raises:
             RuntimeError: if the row in force for ``batch`` has already left the ring.
@@ -170,7 +179,7 @@ class ProportionSchedule:
         while i >= lo:
             row = rows[i % self.capacity]
             if row[0] <= batch:
-                return self._unpack(row)
+                return ScheduleLookup(row[_HEADER:].copy(), int(row[1]), i)
             i -= 1
         raise RuntimeError(
             f"the proportions row for batch {batch} has left the schedule ring (capacity {self.capacity}; the "

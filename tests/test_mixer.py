@@ -447,7 +447,7 @@ def test_statistics_observed_after_the_last_step_are_not_saved_because_their_bat
     for mixer in (whole, second):
         mixer.step()
     assert whole.proportions.tobytes() == second.proportions.tobytes()
-    with pytest.raises(ValueError, match=r"`mixer.pending` must be a list of 24 numbers"):
+    with pytest.raises(ValueError, match=r"`mixer.pending` must be a list of 25 numbers"):
         make().load_state_dict(state | {"pending": [0.0] * 3})
 
 
@@ -554,3 +554,19 @@ def test_any_float_loss_and_integer_id_dtype_is_accepted(path, loss_dtype, id_dt
     mixer.step()
     np.testing.assert_array_equal(rec.seen[0].loss_sum, [1.0, 0.0, 6.0])
     np.testing.assert_array_equal(rec.seen[0].count, [1.0, 0.0, 2.0])
+
+
+def test_num_batches_counts_the_observe_calls_behind_each_update_and_not_the_evaluations():
+    rec = Recorder()
+    mixer = odm.OnlineMixer(_names(2), rec, update_every=2)
+    for b in range(3):
+        mixer.observe([0, 1], [1.0, 2.0], mix_step=b)
+    mixer.step()
+    mixer.observe([0], [1.0], mix_step=3)
+    mixer.observe_eval([1.0, 1.0], [1.0, 1.0])
+    mixer.step()
+    mixer.observe([1], [1.0], mix_step=4)
+    mixer.step()
+    mixer.observe([1], [1.0], mix_step=5)
+    mixer.step()
+    assert [s.num_batches for s in rec.seen] == [4, 2]

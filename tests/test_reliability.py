@@ -251,9 +251,9 @@ def _tampered(edit) -> dict:  # type: ignore[no-untyped-def]
         (lambda s: s.__setitem__("override", [2, -1]), r"`mixer\.override` must hold finite numbers and >= 0"),
         (lambda s: s.__setitem__("num_steps", -1), r"`mixer\.num_steps` must be an integer >= 0, got -1"),
         (lambda s: s.__setitem__("num_updates", 2.5), r"`mixer\.num_updates` must be an integer >= 0, got 2\.5"),
-        (lambda s: s.__setitem__("pending", [0.0] * 3), r"`mixer\.pending` must be a list of 17 numbers"),
+        (lambda s: s.__setitem__("pending", [0.0] * 3), r"`mixer\.pending` must be a list of 18 numbers"),
         (
-            lambda s: s.__setitem__("pending", [0.0, 0.0, -1.0] + [0.0] * 14),
+            lambda s: s.__setitem__("pending", [0.0, 0.0, -1.0] + [0.0] * 15),
             r"`mixer\.pending` holds a negative count",
         ),
         (lambda s: s["rng"].__setitem__("bit_generator", "MT19937"), r"`mixer\.rng` is not a PCG64 state"),
@@ -342,7 +342,7 @@ def test_the_oldest_row_still_in_the_ring_answers_and_the_one_before_it_is_repor
     for b in (10, 20, 30, 40):  # five rows in a ring of four: the initial row (batch 0) left
         s.publish([b, 100 - b], effective_from=b)
     assert s.lookup(10).proportions.tolist() == [0.1, 0.9]
-    assert s.lookup(19).effective_from == 10
+    assert s.lookup(19).proportions.tolist() == [0.1, 0.9] and s.lookup(19).index == 1
     with pytest.raises(RuntimeError, match=r"the proportions row for batch 9 has left the schedule ring"):
         s.lookup(9)
     assert [r.effective_from for r in s.rows()] == [10, 20, 30, 40]

@@ -283,3 +283,12 @@ def test_numpy_integers_are_accepted_for_batch_size_seed_and_max_passes():
 def test_bad_mixture_arguments_name_the_argument_and_the_value(kwargs, error, match):
     with pytest.raises(error, match=match):
         MixtureDataset({"a": [1, 2]}, **{"batch_size": 2, **kwargs})
+
+
+@needs_hf
+def test_a_hugging_face_iterable_already_split_by_node_is_refused():
+    from datasets.distributed import split_dataset_by_node
+
+    ds = datasets.Dataset.from_dict({"x": list(range(8))}).to_iterable_dataset(num_shards=4)
+    with pytest.raises(TypeError, match=r"domain 'web'.*already split over ranks \(`split_dataset_by_node`\)"):
+        as_source(split_dataset_by_node(ds, rank=0, world_size=2), domain="web")

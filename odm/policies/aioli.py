@@ -3,7 +3,7 @@
 Chen et al. 2024, "Aioli: A Unified Optimization Framework for Language Model Data Mixing". Within a round the
 held-out losses are modelled as moving linearly with the mixture, ``L^{t+1} = L^t − A·p^t``; the policy
 estimates ``A`` online with short probe phases on the live model and takes an exponentiated-gradient step on
-the total predicted decrease. See ALGORITHMS.md, "Aioli".
+the total predicted decrease. See ``docs/algorithms.md``, "Aioli".
 """
 
 from __future__ import annotations
@@ -309,11 +309,8 @@ class Aioli(Policy):
         return self._probe_count + 1 >= self.probe_steps
 
     def update(self, stats: DomainStats) -> None:
-        k = self.num_domains
-        if stats.num_domains != k:
-            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
-        if not (np.all(np.isfinite(stats.count)) and np.all(np.isfinite(stats.proportions))):
-            warnings.warn("odm: Aioli skipped an update with non-finite counts or proportions", RuntimeWarning, 2)
+        # An evaluation-only update (no samples, finite) is usable here: it can open a round.
+        if not self._usable(stats, losses=False) and stats.count.sum() != 0:
             return
         ev = self._eval_of(stats)
         total = stats.count.sum()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -43,9 +43,20 @@ from odm._checks import check_choice as _check_choice
 from odm._checks import check_float
 from odm.policies.base import DomainStats, Policy, check_proportions
 
-__all__ = ["EXP3", "EXP3S", "exp3_update", "exp3s_update", "importance_estimates", "scaled_rewards"]
+__all__ = ["EXP3", "EXP3S", "RewardOptions", "exp3_update", "exp3s_update", "importance_estimates", "scaled_rewards"]
 
 REWARDS = ("loss", "progress")
+
+
+class RewardOptions(TypedDict, total=False):
+    """The reward arguments every bandit takes as keywords (see :class:`BanditPolicy`): declared once here."""
+
+    reward: str
+    loss_smoothing: float
+    progress_smoothing: float
+    scale_decay: float
+
+
 # Smallest proportion used as an importance-weight denominator (a domain drawn under p = 0 can only come from
 # an override; it must not turn into a division by zero).
 MIN_PROPORTION = 1e-12
@@ -65,31 +76,6 @@ def check_rate(name: str, value: Any, *, upper: float = math.inf) -> float:
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices`` (:func:`odm._checks.check_choice`)."""
     return _check_choice(value, name, choices)
-
-
-def usable_stats(stats: DomainStats, num_domains: int, policy: str) -> bool:
-    """Checks the shapes of ``stats``; returns False (with a warning) when a drawn domain has a non-finite loss.
-
-    Raises:
-        ValueError: if the arrays do not have one entry per domain.
-    """
-    for field in ("loss_sum", "count", "proportions"):
-        shape = np.shape(getattr(stats, field))
-        if shape != (num_domains,):
-            raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
-    # Fast path (the mixer's stats are always finite): one sum propagates any NaN or inf.
-    if math.isfinite(float(stats.loss_sum.sum()) + float(stats.count.sum())):
-        return bool(stats.count.any())
-    bad = stats.observed & ~np.isfinite(stats.loss_sum)
-    if bad.any() or not np.all(np.isfinite(stats.count)):
-        warnings.warn(
-            f"odm: {policy} skipped update {stats.step}: non-finite loss for domain(s) "
-            f"{np.flatnonzero(bad).tolist()}; its state is unchanged",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return bool(stats.observed.any())
 
 
 # -- pure functions -------------------------------------------------------------------------------------------
@@ -315,16 +301,10 @@ class EXP3(BanditPolicy):
         *,
         eta: float | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.gamma = check_rate("gamma", gamma, upper=1.0)
         self.eta = None if eta is None else check_rate("eta", eta)
@@ -354,7 +334,7 @@ class EXP3(BanditPolicy):
         self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if not usable_stats(stats, self.num_domains, type(self).__name__):
+        if not self._usable(stats):
             return
         estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
         self._gains, self._p = exp3_update(self._gains, estimates, self.gamma, self._learning_rate(), self._log_prior)
@@ -404,19 +384,13 @@ class EXP3S(EXP3):
         alpha: float = 1e-3,
         eta: float | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             gamma,
             eta=eta,
             prior=prior,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.alpha = check_open_unit("alpha", alpha)
 
@@ -427,7 +401,7 @@ class EXP3S(EXP3):
         self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if not usable_stats(stats, self.num_domains, type(self).__name__):
+        if not self._usable(stats):
             return
         estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
         self._log_weights, self._p = exp3s_update(

@@ -1,6 +1,6 @@
 """ODM: EXP3 with smoothed loss rewards (Albalak et al. 2023, "Efficient Online Data Mixing").
 
-Two variants, chosen by ``variant=`` (ALGORITHMS.md, "ODM"):
+Two variants, chosen by ``variant=`` (``docs/algorithms.md``, "ODM"):
 
 * ``"paper"`` (Algorithm 1 of the paper): importance-weighted, EMA-smoothed reward estimates and an EXP3
   policy whose learning rate is the previous exploration rate,
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from odm._checks import check_int
-from odm.policies.bandits import MIN_PROPORTION, check_choice, check_open_unit, usable_stats
+from odm.policies.bandits import MIN_PROPORTION, check_choice, check_open_unit
 from odm.policies.base import DomainStats, Policy, check_proportions
 
 __all__ = ["ODM", "exploration_rate", "odm_paper_update", "odm_released_update"]
@@ -166,7 +166,7 @@ class ODM(Policy):
         self._p = self._initial.copy() if self._initial is not None else np.full(num_domains, 1.0 / num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if stats.step <= self.warmup_steps or not usable_stats(stats, self.num_domains, "ODM"):
+        if stats.step <= self.warmup_steps or not self._usable(stats):
             return
         if self.variant == "paper":
             self._estimates, self._p = odm_paper_update(
@@ -186,16 +186,9 @@ class ODM(Policy):
     def _get_state(self) -> dict[str, Any]:
         return {"variant": self.variant, "estimates": self._estimates.copy()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a state saved by :meth:`state_dict`.
-
-        Raises:
-            ValueError: a state of another policy, version, number of domains or ODM variant.
-        """
-        saved = state_dict.get("state", {}).get("variant", self.variant)
-        if state_dict.get("policy") == type(self).__name__ and saved != self.variant:
-            raise ValueError(f"ODM state_dict is for variant {saved!r}, this policy is {self.variant!r}")
-        super().load_state_dict(state_dict)
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if state.get("variant", self.variant) != self.variant:
+            raise ValueError(f"ODM state_dict is for variant {state['variant']!r}, this policy is {self.variant!r}")
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._estimates = np.array(state["estimates"], dtype=np.float64)

@@ -20,12 +20,12 @@ rank breaks them the same way and a resume needs no generator state).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from odm._checks import check_int, check_seed
-from odm.policies.bandits import BanditPolicy, check_open_unit, check_rate, usable_stats
+from odm.policies.bandits import BanditPolicy, RewardOptions, check_open_unit, check_rate
 from odm.policies.base import DomainStats
 
 __all__ = [
@@ -136,16 +136,10 @@ class _UCB(BanditPolicy):
         *,
         gamma: float,
         seed: int,
-        reward: str,
-        loss_smoothing: float,
-        progress_smoothing: float,
-        scale_decay: float,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.c = check_rate("c", c)
         self.gamma = check_rate("gamma", gamma, upper=1.0)
@@ -162,7 +156,7 @@ class _UCB(BanditPolicy):
         raise NotImplementedError
 
     def update(self, stats: DomainStats) -> None:
-        if not usable_stats(stats, self.num_domains, type(self).__name__):
+        if not self._usable(stats):
             return
         rewards = self._rewards(stats)
         self._means, self._pulls = self._statistics(rewards, _shares(stats.count))
@@ -212,19 +206,13 @@ class UCB1(_UCB):
         gamma: float = 0.5,
         reward_smoothing: float | None = None,
         seed: int = 0,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             c,
             gamma=gamma,
             seed=seed,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.reward_smoothing = (
             None if reward_smoothing is None else check_open_unit("reward_smoothing", reward_smoothing)
@@ -263,19 +251,13 @@ class DiscountedUCB(_UCB):
         discount: float = 0.99,
         gamma: float = 0.5,
         seed: int = 0,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             c,
             gamma=gamma,
             seed=seed,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.discount = check_open_unit("discount", discount)
 
@@ -328,19 +310,13 @@ class SlidingWindowUCB(_UCB):
         window: int = 200,
         gamma: float = 0.5,
         seed: int = 0,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             c,
             gamma=gamma,
             seed=seed,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.window = check_int(window, "window", low=1)
 
@@ -369,16 +345,10 @@ class SlidingWindowUCB(_UCB):
             "position": self._position,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a state saved by :meth:`state_dict`.
-
-        Raises:
-            ValueError: a state of another policy, version, number of domains or window.
-        """
-        saved = state_dict.get("state", {}).get("window_sums", {}).get("shape", [self.window])[0]
-        if state_dict.get("policy") == type(self).__name__ and saved != self.window:
+    def _check_state(self, state: dict[str, Any]) -> None:
+        saved = np.shape(state["window_sums"])[0]
+        if saved != self.window:
             raise ValueError(f"SlidingWindowUCB state_dict has window {saved}, this policy has {self.window}")
-        super().load_state_dict(state_dict)
 
     def _set_state(self, state: dict[str, Any]) -> None:
         super()._set_state(state)

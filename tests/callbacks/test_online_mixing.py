@@ -412,3 +412,11 @@ def test_the_fabric_example_runs_and_resumes_its_loader():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(steps=40, batch_size=16)  # asserts the resumed loader continues at batch 40
+
+
+def test_a_callback_driving_another_mixer_than_the_train_loaders_warns(tmp_path):
+    train, _ = toy_sources()
+    loader = odm.MixtureLoader(train, batch_size=BATCH)
+    other = odm.OnlineMixer(DOMAINS)
+    with pytest.warns(UserWarning, match="MixtureLoader with another mixer than this OnlineMixing's"):
+        trainer(tmp_path, max_steps=2, callbacks=[OnlineMixing(other)]).fit(Regressor(), train_dataloaders=loader)
