@@ -16,7 +16,8 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from odm.sources import MapSource, Source, _skip, _WorkerInfoHidden
+from odm.source_base import Source, _skip, _WorkerInfoHidden
+from odm.sources import MapSource
 
 __all__ = ["HFDatasetSource", "HFIterableSource", "hf_source", "list_columns"]
 
