@@ -7,7 +7,8 @@ K per-domain lists of documents (numpy token arrays, lognormal lengths with doma
   concatenated and cut into rows; ``input_ids`` only;
 * ``plain pack + boundaries`` — the same plus ``position_ids`` and ``cu_seqlens`` (what attention masking needs);
 * ``odm packed`` — ``odm.packing.PackedMixtureDataset``: the next document's domain chosen by the largest token
-  deficit, ``token_domain`` per token, ``position_ids``, ``cu_seqlens``, explicit resumable state.
+  deficit, ``token_domain`` per token, ``position_ids``, ``cu_seqlens``, explicit resumable state;
+* ``odm MixtureLoader(pack_length)`` — the same through the loader (0 workers): its state tracking included.
 
 Besides tokens/s, the table shows how far each method's realised token shares are from ``p``: the plain loop
 mixes documents, so its token shares follow ``p`` weighted by document length.
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, median, ratio, si, timed, write_results
 
 from odm.packing import PackedMixtureDataset
+from odm.policies import Fixed
 from odm.schedule import ProportionSchedule
 from odm.sources import MapSource
 
@@ -95,6 +97,17 @@ def odm_pack(docs: list[list[np.ndarray]], b: int, t: int, num_batches: int) -> 
     return counts
 
 
+def loader_pack(docs: list[list[np.ndarray]], b: int, t: int, num_batches: int) -> np.ndarray:
+    from odm import MixtureLoader
+
+    sources = {f"d{k}": MapSource(d, shuffle=False) for k, d in enumerate(docs)}
+    loader = MixtureLoader(sources, batch_size=b, pack_length=t, policy=Fixed(TARGET))
+    counts = np.zeros(len(docs))
+    for _, batch in zip(range(num_batches), loader):
+        counts += np.bincount(batch["token_domain"].numpy().ravel(), minlength=len(docs))
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer batches and repeats (a smoke run)")
@@ -106,6 +119,7 @@ def main() -> None:
         "plain pack": lambda: plain_pack(docs, b, t, num_batches, boundaries=False),
         "plain pack + boundaries": lambda: plain_pack(docs, b, t, num_batches, boundaries=True),
         "odm packed (token shares)": lambda: odm_pack(docs, b, t, num_batches),
+        "odm MixtureLoader(pack_length)": lambda: loader_pack(docs, b, t, num_batches),
     }
     tokens = b * t * num_batches
     times: dict[str, list[float]] = {m: [] for m in methods}

@@ -33,6 +33,7 @@ from odm._checks import check_choice, check_int, check_seed
 from odm._draw import inverse_cdf, largest_remainder
 from odm.schedule import MODE_EXACT, ProportionSchedule
 from odm.sources import Source, as_source
+from odm.topology import Work, open_progression
 
 __all__ = ["EXHAUSTED_MODES", "GRANULARITIES", "MixtureDataset", "StreamRow", "largest_remainder"]
 
@@ -92,7 +93,7 @@ class _Exhausted(Exception):
 class _DomainStream:
     """One domain's stream in one shard: the source plus its explicit position ``(epoch, position)``."""
 
-    __slots__ = ("_it", "epoch", "max_passes", "name", "num_shards", "position", "seed", "shard", "source")
+    __slots__ = ("_it", "epoch", "max_passes", "name", "num_shards", "position", "seed", "shard", "source", "work")
 
     def __init__(self, name: str, source: Source, shard: int, num_shards: int, seed: int, max_passes: int | None):
         self.name, self.source, self.shard, self.num_shards = name, source, shard, num_shards
@@ -100,14 +101,26 @@ class _DomainStream:
         self.epoch = 0
         self.position = 0
         self._it: Iterator[Any] | None = None
+        # After a resume on another topology (odm.topology): the rest of the begun passes this shard reads first.
+        # While it does, `epoch` is -(i + 1) for plan item i.
+        self.work: Work | None = None
 
     def iterator(self) -> Iterator[Any]:
         """The open iterator of the current pass, from ``position``."""
         if self._it is None:
             try:
-                self._it = self.source.open(
-                    shard=self.shard, num_shards=self.num_shards, epoch=self.epoch, start=self.position, seed=self.seed
-                )
+                if self.epoch < 0:
+                    assert self.work is not None
+                    prog = self.work.plan[-self.epoch - 1]
+                    self._it = open_progression(self.source, prog, start=self.position, seed=self.seed)
+                else:
+                    self._it = self.source.open(
+                        shard=self.shard,
+                        num_shards=self.num_shards,
+                        epoch=self.epoch,
+                        start=self.position,
+                        seed=self.seed,
+                    )
             except Exception as err:
                 raise self.error(err, self.position) from err
         return self._it
@@ -133,11 +146,19 @@ class _DomainStream:
             f"(shard {self.shard} of {self.num_shards}, pass {self.epoch}, item {item} of the shard's pass)"
         )
 
+    def next_in_plan(self) -> bool:
+        """Moves to the next item of a resharding plan; False when not inside one or at its last item."""
+        if self.epoch >= 0 or self.work is None or -self.epoch >= len(self.work.plan):
+            return False
+        self.epoch, self.position, self._it = self.epoch - 1, 0, None
+        return True
+
     def next_pass(self) -> bool:
         """Starts the next pass; False once the repetition budget ``max_passes`` is spent."""
-        if self.max_passes is not None and self.epoch + 1 >= self.max_passes:
+        nxt = self.epoch + 1 if self.epoch >= 0 or self.work is None else self.work.next_epoch
+        if self.max_passes is not None and nxt >= self.max_passes:
             return False
-        self.epoch += 1
+        self.epoch = nxt
         self.position = 0
         self._it = None
         return True
@@ -241,6 +262,9 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"`schedule` has {schedule.num_domains} domains but `sources` has {len(self.domains)}")
         self.schedule = schedule
         # Set by the main process before workers start (see odm.MixtureLoader).
+        # After a resume on another topology: per shard (rank * num_workers + slot), per domain, the rest of the
+        # begun passes that shard reads first (odm.topology.reshard).
+        self.plans: list[list[Work]] | None = None
         self.rank = 0
         self.world_size = 1
         self.attach_state = False
@@ -290,6 +314,10 @@ class MixtureIterator:
             _DomainStream(name, src, shard, num_shards, dataset.seed, mp)
             for name, src, mp in zip(dataset.domains, dataset.sources, dataset.max_passes)
         ]
+        if dataset.plans is not None:
+            for stream, work in zip(self.streams, dataset.plans[shard]):
+                stream.work = work
+                stream.epoch, stream.position = work.start()
         self.active = np.ones(dataset.num_domains, dtype=bool)
         self._num_active = dataset.num_domains  # mirrors active.sum(): checked on every batch
         self._active_row = [1] * dataset.num_domains  # mirrors active, as the ints of the stream row
@@ -529,9 +557,12 @@ class MixtureIterator:
         stream = self.streams[d]
         stream.extend(items, n - len(items))
         while len(items) < n:  # the current pass of domain d has ended
+            if stream.next_in_plan():  # only an item of a resharding plan ended: its next one
+                stream.extend(items, n - len(items))
+                continue
             if self.ds.exhausted == "stop":
                 raise _Exhausted
-            if self.ds.exhausted == "restart" and stream.position == 0:
+            if self.ds.exhausted == "restart" and stream.position == 0 and stream.epoch >= 0:
                 raise ValueError(
                     f"domain {stream.name!r} has no samples in shard {stream.shard} of {stream.num_shards} "
                     "(rank x worker); give it more samples or use fewer workers or ranks"

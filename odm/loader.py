@@ -23,12 +23,15 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from odm._checks import check_int
+from odm._checks import check_choice, check_int
 from odm._dist import comm_device, distributed, rank_world
 from odm.dataset import STATE_KEY, MixtureDataset
 from odm.loader_state import CONFIG_KEYS, SlotRows, check_streams, config_diff, require
 from odm.mixer import OnlineMixer
+from odm.packing import PackedMixtureDataset
 from odm.policies import Policy
+from odm.remap import remap_stream_rows
+from odm.topology import check_strided, plans_for, plans_from_state, plans_to_state
 
 __all__ = ["MixtureLoader"]
 
@@ -65,6 +68,12 @@ class MixtureLoader(torch.utils.data.DataLoader):
             ``for batch in loader`` and epoch-based trainers end. Epoch ``e`` is global batches
             ``[e·N, (e+1)·N)``: a new epoch continues the stream, and an ``iter()`` started mid-epoch (a resumed
             run) yields the rest of that epoch. ``None`` (default): the loader streams until stopped.
+        pack_length: pack documents into rows of this many tokens, mixing by **token shares** (see
+            :class:`odm.packing.PackedMixtureDataset`): batches carry ``tokens_key`` ``[B, T]``, ``token_domain``,
+            ``position_ids``, ``cu_seqlens``; feed ``mixer.observe(batch, per_token_losses)``. Documents are
+            token-id sequences (or mappings holding one at ``tokens_key``); ``granularity``, ``collate_fn``,
+            ``exhausted`` and ``max_passes`` do not apply.
+        tokens_key: where packed documents hold their token ids, and the packed batch's key for them.
         delay: batches between a publish and the batch it applies to. Default
             ``num_workers * prefetch_factor + 2``: the batches a DataLoader may hold ahead of the training loop,
             plus two for loops that fetch the next batch before stepping (Lightning does). A loop that runs
@@ -108,6 +117,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
         exhausted: str = "restart",
         max_passes: int | Mapping[str, int] | None = None,
         num_batches: int | None = None,
+        pack_length: int | None = None,
+        tokens_key: str = "input_ids",
         delay: int | None = None,
         update_every: int = 1,
         dp_rank: int | None = None,
@@ -132,15 +143,28 @@ class MixtureLoader(torch.utils.data.DataLoader):
         if delay is None:
             prefetch = dataloader_kwargs.get("prefetch_factor")
             delay = num_workers * (2 if prefetch is None else check_int(prefetch, "prefetch_factor", low=1)) + 2
-        dataset = MixtureDataset(
-            sources,
-            batch_size=batch_size,
-            granularity=granularity,
-            seed=seed,
-            collate_fn=collate_fn,
-            exhausted=exhausted,
-            max_passes=max_passes,
-        )
+        dataset: MixtureDataset | PackedMixtureDataset
+        if pack_length is None:
+            dataset = MixtureDataset(
+                sources,
+                batch_size=batch_size,
+                granularity=granularity,
+                seed=seed,
+                collate_fn=collate_fn,
+                exhausted=exhausted,
+                max_passes=max_passes,
+            )
+        else:
+            unused = {"granularity": granularity != "sample", "collate_fn": collate_fn is not None}
+            unused |= {"exhausted": exhausted != "restart", "max_passes": max_passes is not None}
+            if any(unused.values()):
+                raise ValueError(
+                    f"`pack_length` packs documents by token shares; {[k for k, v in unused.items() if v]} do not "
+                    "apply to packed batches (leave them at their defaults)"
+                )
+            dataset = PackedMixtureDataset(
+                sources, batch_size=batch_size, pack_length=pack_length, seed=seed, tokens_key=tokens_key
+            )
         self.mixer = OnlineMixer(
             dataset.domains,
             policy=policy,
@@ -157,7 +181,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
         dataset.schedule = self.mixer.schedule
         dataset.attach_state = True
         self._num_slots = max(1, num_workers)  # each worker serves one slot; no workers: one slot
-        self._slot_rows = SlotRows(self._num_slots, dataset.num_domains)
+        row_len = dataset.state_width if isinstance(dataset, PackedMixtureDataset) else None
+        self._slot_rows = SlotRows(self._num_slots, dataset.num_domains, row_len=row_len)
         # The shared block the workers read where to start from (see MixtureDataset.resume).
         self._start_rows = torch.full((1 + self._num_slots, self._slot_rows.row_len), -1, dtype=torch.int64)
         dataset.resume = self._start_rows.share_memory_()
@@ -215,7 +240,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
     def config(self) -> dict[str, Any]:
         """What determines this loader's batches (saved in its state, compared on load and across ranks)."""
         ds = self.dataset
-        assert isinstance(ds, MixtureDataset)
+        assert isinstance(ds, MixtureDataset | PackedMixtureDataset)
         return {
             "domains": list(ds.domains),
             "batch_size": ds.batch_size,
@@ -233,7 +258,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
     # -- iteration -------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         ds = self.dataset
-        assert isinstance(ds, MixtureDataset)
+        assert isinstance(ds, MixtureDataset | PackedMixtureDataset)
         ds.rank, ds.world_size = self._dp_rank_world()
         group = self.process_group
         if not self._agreed and distributed(group):
@@ -270,7 +295,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 return
             state = batch.pop(STATE_KEY)
             b = batch["mix_step"]
-            batch["domain"] = torch.from_numpy(batch["domain"])
+            if "domain" in batch:  # packed batches carry `token_domain` instead
+                batch["domain"] = torch.from_numpy(batch["domain"])
             take(b, state["slot"], state["row"])
             served(b)
             expected = b + 1
@@ -297,6 +323,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
             RuntimeError: under ``torch.distributed``, batches were taken but the mixer never stepped on one
                 (the other ranks' positions are only known through ``step()``).
         """
+        ds = self.dataset
+        assert isinstance(ds, MixtureDataset | PackedMixtureDataset)
         cut = self.mixer.cut_batch
         _, dp_world = self._dp_rank_world()
         if self._loaded is not None and not self._slot_rows.cut_moved:
@@ -322,16 +350,28 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 f"{SlotRows.CAPACITY} batches past the last one the mixer stepped on; call mixer.step() once per "
                 "training step"
             )
+        plans, k = ds.plans, ds.num_domains
+        if plans is not None and all(r[0] >= 0 and min(r[1 : 1 + k]) >= 0 for rows in streams for r in rows):
+            plans = None  # every shard has read its plan: the regular passes do not depend on it
         return {
             "version": _STATE_VERSION,
             "config": self.config(),
             "next_batch": int(next_batch),
             "streams": streams,  # [rank][slot] -> stream row
+            "plans": None if plans is None else plans_to_state(plans),  # after a resume on another topology
             "mixer": self.mixer.state_dict(),
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, reshard: bool = False, domains: str = "same") -> None:
         """Resumes from :meth:`state_dict`: the next batch is the one after the cut, bit for bit, on every rank.
+
+        Args:
+            state_dict: the saved state.
+            reshard: allow a checkpoint taken with another number of workers or data-parallel ranks. Per domain,
+                every sample of each pass begun is still read exactly once; the order is not kept (see
+                :mod:`odm.topology`). Strided sources only (lists, iterables, map-style, JSONL, text).
+            domains: ``"remap"`` allows a checkpoint of another domain set: common domains keep their stream
+                positions and policy state, a new one starts fresh (see :mod:`odm.remap`).
 
         Raises:
             RuntimeError: an iterator of this loader is still live (finish it or ``del`` it first).
@@ -350,18 +390,46 @@ class MixtureLoader(torch.utils.data.DataLoader):
         saved = require(state_dict, "config")
         for key in CONFIG_KEYS:
             require(saved, key, path="config")
-        diff = config_diff(saved, self.config())
+        mine = self.config()
+        # What the opt-ins allow to differ is compared as equal; everything else must match.
+        # (The default delay follows num_workers; batches after a reshard are not the old topology's anyway.)
+        allowed: tuple[str, ...] = ("num_workers", "num_slots", "dp_world_size", "delay") if reshard else ()
+        remap = check_choice(domains, "domains", ("same", "remap")) == "remap" and saved["domains"] != mine["domains"]
+        allowed += ("domains", "sources", "max_passes") if remap else ()
+        diff = config_diff({**saved, **{k: mine[k] for k in allowed}}, mine)
         if diff:
             raise ValueError(
                 f"the checkpoint's loader differs from this one in what determines the batches: {diff}. "
-                "Resume with the same settings"
+                "Resume with the same settings (another topology: load_state_dict(state, reshard=True); "
+                "another domain set: domains='remap')"
             )
+        ds = self.dataset
+        assert isinstance(ds, MixtureDataset | PackedMixtureDataset)
         dp_rank, dp_world = self._dp_rank_world()
         next_batch = check_int(require(state_dict, "next_batch"), "next_batch", low=0)
+        saved_plans = state_dict.get("plans")
+        plans = None if saved_plans is None else plans_from_state(saved_plans)
+        old_world, old_slots = int(saved["dp_world_size"]), int(saved["num_slots"])
         streams = check_streams(
-            require(state_dict, "streams"), world=dp_world, num_slots=self._num_slots, row_len=self._slot_rows.row_len
+            require(state_dict, "streams"),
+            world=old_world,
+            num_slots=old_slots,
+            row_len=1 + 3 * len(saved["domains"]) if remap else self._slot_rows.row_len,
+            flags=not isinstance(ds, PackedMixtureDataset),
+            min_epoch=0 if plans is None else -max(len(w.plan) for shard in plans for w in shard),
         )
-        self.mixer.load_state_dict(require(state_dict, "mixer"), path="mixer")
+        if remap:
+            if plans is not None or isinstance(ds, PackedMixtureDataset):
+                raise ValueError("domains='remap' needs a checkpoint of an unpacked loader that was not resharded")
+            streams = [remap_stream_rows(rows, saved["domains"], mine["domains"]) for rows in streams]
+        if (old_world, old_slots) != (dp_world, self._num_slots):
+            if isinstance(ds, PackedMixtureDataset) or (self.persistent_workers and self._iterator is not None):
+                raise ValueError("reshard=True needs an unpacked loader whose workers have not started yet")
+            check_strided(ds.domains, ds.sources, min(old_world * old_slots, dp_world * self._num_slots))
+            plans = plans_for(streams, plans, dp_world * self._num_slots)
+            streams = [[[-1] * self._slot_rows.row_len] * self._num_slots for _ in range(dp_world)]
+        self.mixer.load_state_dict(require(state_dict, "mixer"), path="mixer", domains="remap" if remap else "same")
+        ds.plans = plans
         self._slot_rows.restore(next_batch, streams[dp_rank])
         self._loaded = (next_batch, streams)
 

@@ -61,9 +61,9 @@ class SlotRows:
     #: Fills a payload whose rows at the cut are unknown.
     UNKNOWN = -2
 
-    def __init__(self, num_slots: int, num_domains: int) -> None:
+    def __init__(self, num_slots: int, num_domains: int, *, row_len: int | None = None) -> None:
         self.num_slots = num_slots
-        self.row_len = StreamRow.width(num_domains)
+        self.row_len = StreamRow.width(num_domains) if row_len is None else row_len  # packed rows are longer
         self.restore(0, [[FRESH] * self.row_len for _ in range(num_slots)])
 
     def restore(self, next_batch: int, rows: list[list[int]]) -> None:
@@ -155,9 +155,14 @@ def config_diff(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def check_streams(streams: Any, *, world: int, num_slots: int, row_len: int) -> list[list[list[int]]]:
-    """``streams[rank][slot]`` as int rows, checked for shape and range; errors name the entry."""
-    k = (row_len - 1) // 3  # StreamRow.width(k) == row_len
+def check_streams(
+    streams: Any, *, world: int, num_slots: int, row_len: int, flags: bool = True, min_epoch: int = 0
+) -> list[list[list[int]]]:
+    """``streams[rank][slot]`` as int rows, checked for shape and range; errors name the entry.
+
+    ``flags``: whether the row ends in K active flags (a packed row ends in its token deficits and carry);
+    ``min_epoch``: negative while a resharding plan is read (see :mod:`odm.topology`)."""
+    k = (row_len - 1) // 3  # StreamRow.width(k) == row_len (a packed row has two entries more)
 
     def fail(path: str, what: str) -> ValueError:
         return ValueError(f"loader state streams{path} {what}")
@@ -175,11 +180,11 @@ def check_streams(streams: Any, *, world: int, num_slots: int, row_len: int) -> 
             if not isinstance(row, list | tuple) or len(row) != row_len or not all(is_int(v) for v in row):
                 raise fail(path, f"must be {row_len} integers, got {row!r:.120}")
             row = [int(v) for v in row]
-            rec = StreamRow.unpack(row, k)
-            if rec.next_batch == FRESH:
+            epochs, positions, rest = row[1 : 1 + k], row[1 + k : 1 + 2 * k], row[1 + 2 * k :]
+            if row[0] == FRESH:
                 if any(v != FRESH for v in row):
                     raise fail(path, f"is marked fresh (-1) but holds positions: {row}")
-            elif rec.next_batch < 1 or min(rec.epochs + rec.positions) < 0 or not set(rec.active) <= {0, 1}:
+            elif row[0] < 1 or min(epochs) < min_epoch or min(positions) < 0 or (flags and not set(rest) <= {0, 1}):
                 raise fail(path, f"= {row} is out of range: [next batch >= 1, epochs >= 0, positions >= 0, active 0/1]")
             rows.append(row)
         out.append(rows)

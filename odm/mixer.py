@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from odm._checks import check_domain_names, check_int, check_seed
+from odm._checks import check_choice, check_domain_names, check_int, check_seed
 from odm._draw import largest_remainder
 from odm._state import StateError
 from odm.agreement import check_agreement, policy_config
@@ -49,6 +49,7 @@ from odm.history import History
 from odm.mixer_state import STATE_VERSION, check_state
 from odm.policies import EVAL_LOSS, DomainStats, Policy, get_policy
 from odm.policies.constraints import Constraints
+from odm.remap import remap_mixer_state
 from odm.schedule import MODE_EXACT, MODE_SAMPLE, ProportionSchedule, check_simplex
 
 __all__ = ["OnlineMixer"]
@@ -596,18 +597,24 @@ class OnlineMixer:
             "evals_missed": [self._evals_missed, self._updates_without_eval],
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], *, path: str = "mixer") -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, path: str = "mixer", domains: str = "same") -> None:
         """Restores a state saved by :meth:`state_dict`. Every field is checked before anything changes.
 
         Args:
             state_dict: the saved state.
             path: the key path of ``state_dict`` in the checkpoint, for error messages.
+            domains: ``"same"`` refuses a checkpoint of another domain set; ``"remap"`` carries it over to this
+                mixer's domains (common domains keep their policy state, a new one starts from a fresh policy's
+                prior; see :mod:`odm.remap`).
 
         Raises:
             ValueError: a checkpoint from another domain set (the message lists the differences), another
                 version or policy, a missing key or a field odm never writes (proportions off the simplex,
                 negative counters); each names its key path (``mixer.schedule.rows[3]``).
         """
+        remap = check_choice(domains, "domains", ("same", "remap")) == "remap"
+        if remap and isinstance(state_dict, Mapping) and list(state_dict.get("domains", ())) != self.domains:
+            state_dict = remap_mixer_state(state_dict, domains=self.domains, policy=self.policy)
         got = check_state(state_dict, domains=self.domains, schedule=self.schedule, history=self.history, path=path)
         before = self.policy.state_dict()
         try:

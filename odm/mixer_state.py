@@ -71,7 +71,10 @@ def check_state(
     saved = read(state, "domains", path)
     if not isinstance(saved, list | tuple) or list(saved) != domains:
         what = domain_diff(list(saved), domains) if isinstance(saved, list | tuple) else repr(saved)
-        raise StateError(f"checkpoint domains differ from this mixer's: {what}")
+        raise StateError(
+            f"checkpoint domains differ from this mixer's: {what}; load_state_dict(..., domains='remap') carries "
+            "the state over"
+        )
     k = len(domains)
     rows = schedule.check_state(read(state, "schedule", path), f"{path}.schedule")
     steps, rows_kept = history.check_state(read(state, "history", path), f"{path}.history")

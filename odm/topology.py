@@ -24,12 +24,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from odm.sources import IterableSource, JsonlSource, MapSource, Source, TextSource
+from odm.sources import Source
 
 __all__ = [
     "Progression",
     "ShardPosition",
     "Work",
+    "check_strided",
     "is_strided",
     "open_progression",
     "plans_for",
@@ -37,9 +38,6 @@ __all__ = [
     "plans_to_state",
     "reshard",
 ]
-
-#: Source types whose shard ``s`` of ``n`` is the positions ``≡ s (mod n)`` of one pass order for every ``n``.
-STRIDED: tuple[type[Source], ...] = (IterableSource, MapSource, JsonlSource, TextSource)
 
 
 class Progression(NamedTuple):
@@ -72,9 +70,10 @@ class ShardPosition(NamedTuple):
     num_shards: int
 
 
-def is_strided(source: Source) -> bool:
-    """Whether ``source``'s shards are strides of one pass order (so its unread rest can be re-dealt)."""
-    return isinstance(source, STRIDED)
+def is_strided(source: Source, *num_shards: int) -> bool:
+    """Whether ``source``'s shards are strides of one pass order at each of these shard counts (so its unread
+    rest can be re-dealt; see :meth:`odm.sources.Source.is_strided`)."""
+    return all(source.is_strided(n) for n in num_shards)
 
 
 def open_progression(source: Source, prog: Progression, *, start: int, seed: int) -> Iterator[Any]:
@@ -182,3 +181,18 @@ def plans_from_state(state: Any) -> list[list[Work]]:
         raise ValueError(
             f"loader state `plans` is malformed ({err}): expected [shard][domain] -> [plan, next pass]"
         ) from err
+
+
+def check_strided(domains: Sequence[str], sources: Sequence[Source], *num_shards: int) -> None:
+    """Refuses a resume on another topology when a domain's unread rest cannot be re-dealt: its source must be
+    strided at the old and the new shard count (plans only use strides of at least the smaller one).
+
+    Raises:
+        ValueError: naming the domains whose sources are not strided.
+    """
+    bent = [d for d, s in zip(domains, sources) if not is_strided(s, *num_shards)]
+    if bent:
+        raise ValueError(
+            f"domains {bent} have sources that are not strides of one pass order (webdataset tars, self-sharding "
+            "datasets): their unread rest cannot be re-dealt to another topology; resume on the same one"
+        )

@@ -114,6 +114,7 @@ def test_a_static_policy_takes_the_new_runs_own_proportions():
     np.testing.assert_allclose(mixer.proportions, [0.1, 0.3, 0.6])
 
 
+@pytest.mark.filterwarnings("ignore:odm. Aioli learns from held-out losses")
 @pytest.mark.parametrize(("name", "entry"), [("ado", "bin"), ("aioli", "recent")])
 def test_a_policy_whose_state_is_not_laid_out_per_domain_is_refused_naming_the_entry(name, entry):
     old = _train(name, steps=60)
@@ -141,3 +142,45 @@ def test_remap_proportions_matches_a_hand_computed_case():
     p = remap_proportions([0.5, 0.3, 0.2], OLD, NEW, [0.25, 0.25, 0.5])
     # d takes its prior 0.5; c and a split the other 0.5 as 0.2 : 0.5.
     np.testing.assert_allclose(p, [0.5 * 0.2 / 0.7, 0.5 * 0.5 / 0.7, 0.5])
+
+
+def test_the_mixer_refuses_another_domain_set_unless_asked_to_remap():
+    old = _train("exp3s")
+    mixer = OnlineMixer(NEW, policy="exp3s")
+    with pytest.raises(ValueError, match="domains='remap'"):
+        mixer.load_state_dict(old.state_dict())
+    mixer.load_state_dict(old.state_dict(), domains="remap")
+    assert mixer.proportions[2] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="domains"):
+        mixer.load_state_dict(old.state_dict(), domains="maybe")
+
+
+def test_a_loader_resumed_on_another_domain_set_keeps_the_common_streams_and_starts_the_new_one():
+    from odm import MixtureLoader
+
+    data = {d: [f"{d}{i}" for i in range(50)] for d in ["a", "b", "c", "d"]}
+
+    def loader(domains: list[str]) -> MixtureLoader:
+        return MixtureLoader({d: data[d] for d in domains}, batch_size=4, policy="exp3s", seed=1, collate_fn=list)
+
+    first = loader(OLD)
+    seen: dict[str, list[str]] = {d: [] for d in data}
+    for _, batch in zip(range(12), first):
+        for x in batch["data"]:
+            seen[x[0]].append(x)
+        first.mixer.observe(batch, batch["domain"].double())
+        first.mixer.step()
+    state = first.state_dict()
+    second = loader(NEW)
+    with pytest.raises(ValueError, match="domains='remap'"):
+        second.load_state_dict(state)
+    second.load_state_dict(state, domains="remap")
+    after: dict[str, list[str]] = {d: [] for d in data}
+    for _, batch in zip(range(30), second):
+        for x in batch["data"]:
+            after[x[0]].append(x)
+    # A common domain continues its pass where it stopped: nothing it read before comes again in this pass.
+    for d in ("a", "c"):
+        assert seen[d] and after[d]
+        assert not set(seen[d]) & set(after[d][: 50 - len(seen[d])])
+    assert after["d"] and not after["b"]  # the new domain is read from its start; the retired one never

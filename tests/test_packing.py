@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import Recorder
+from conftest import Recorder, roundtrip
 
 from odm import OnlineMixer, ProportionSchedule
 from odm.packing import PackedMixtureDataset, PackingIterator
@@ -30,14 +30,6 @@ def _corpus(means: list[float], num_docs: int = 300, seed: int = 0) -> dict[str,
 
 def _docs(source: MapSource) -> list[np.ndarray]:
     return [source.dataset[i] for i in range(len(source.dataset))]
-
-
-def _observe_per_token(mixer: OnlineMixer, batch: dict, per_token_losses: torch.Tensor) -> None:
-    """Stand-in for ``mixer.observe(batch, per_token_losses)`` until the mixer credits ``token_domain`` itself:
-    every non-padding token is one observation of its own domain."""
-    td = batch["token_domain"].reshape(-1)
-    keep = td >= 0
-    mixer.observe(td[keep], per_token_losses.reshape(-1)[keep], mix_step=batch["mix_step"])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -112,7 +104,7 @@ def test_per_token_losses_are_credited_to_each_tokens_own_domain():
     for _ in range(5):
         batch = next(it)
         losses = (batch["input_ids"] % 7).double() + 0.25 * batch["position_ids"]
-        _observe_per_token(mixer, batch, losses)
+        mixer.observe(batch, losses)  # each token's loss to batch["token_domain"]
         mixer.step()
         # Slow reference: walk every token and add its loss to its domain's sum.
         ref_sum, ref_count = np.zeros(3), np.zeros(3)
@@ -237,3 +229,87 @@ def test_resume_through_the_shared_block_under_two_workers_continues_bit_for_bit
         a.pop(STATE_KEY)
         b.pop(STATE_KEY)
         _same_batch(a, b)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_mixture_loader_packs_by_token_shares_and_resumes_exactly_mid_document(num_workers):
+    from odm import MixtureLoader
+
+    sources = _corpus([60.0, 500.0, 150.0], num_docs=40)
+
+    def make() -> MixtureLoader:
+        return MixtureLoader(sources, batch_size=2, pack_length=64, policy=Recorder(), num_workers=num_workers, seed=2)
+
+    def run(loader: MixtureLoader, n: int) -> list[dict]:
+        out = []
+        for _, batch in zip(range(n), loader):
+            out.append(batch)
+            losses = (batch["token_domain"] + 1).double() * (1 + batch["position_ids"] % 3)
+            loader.mixer.observe(batch, losses)
+            loader.mixer.step()
+        return out
+
+    whole = run(make(), 16)
+    assert whole[-1]["mix_step"] == 15 and whole[0]["input_ids"].shape == (2, 64)
+    first = make()
+    run(first, 9)
+    state = roundtrip(first.state_dict())
+    del first
+    second = make()
+    second.load_state_dict(state)
+    rest = run(second, 7)
+    for a, b in zip(whole[9:], rest):
+        _same_batch(a, b)
+    # The policy learned from per-token losses: its proportions moved away from uniform.
+    assert not np.allclose(second.mixer.proportions, 1 / 3)
+
+
+def test_the_mixture_loader_refuses_sample_settings_with_pack_length():
+    from odm import MixtureLoader
+
+    with pytest.raises(ValueError, match=r"pack_length.*\['granularity'\]"):
+        MixtureLoader({"a": [[1, 2]]}, batch_size=1, pack_length=4, granularity="batch")
+
+
+def _packed_rank_main(rank: int, port: int, out: str) -> None:
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from odm import MixtureLoader
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=20)
+    )
+    try:
+        loader = MixtureLoader(_corpus([40.0, 300.0], num_docs=80), batch_size=2, pack_length=64, policy="exp3s")
+        docs, props = [], []
+        for _, batch in zip(range(10), loader):
+            docs.extend(sorted(set((batch["input_ids"].ravel() // _DOC).tolist())))
+            loader.mixer.observe(batch, (batch["token_domain"] + 1).double() * (rank + 1))
+            loader.mixer.step()
+            props.append(loader.mixer.proportions.tolist())
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"docs": docs, "p": props, "streams": loader.state_dict()["streams"]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_packed_batches_under_two_gloo_ranks_read_disjoint_documents_with_identical_proportions(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_packed_rank_main, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["p"] == r1["p"] and r0["p"][-1] != r0["p"][0]
+    # A document cut at a batch boundary shows up in two batches of its rank, never in the other rank's.
+    assert not set(r0["docs"]) & set(r1["docs"])
+    # Rank 0's checkpoint holds both ranks' packing rows (deficits, carried documents), gathered in step().
+    assert r0["streams"] == r1["streams"] and len(r0["streams"]) == 2 and r0["streams"][0] != r0["streams"][1]
