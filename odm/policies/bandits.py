@@ -270,7 +270,9 @@ class BanditPolicy(Policy):
         self.scale_decay = check_rate("scale_decay", scale_decay, upper=1.0)
 
     def _init_rewards(self, num_domains: int) -> None:
-        self._smoothed_loss = np.full(num_domains, np.nan)
+        # The loss reward never reads the smoothed loss (NaN = "not pulled yet" feeds the progress reward only):
+        # zeros keep NaN out of its checkpoints, so equal states compare equal.
+        self._smoothed_loss = np.full(num_domains, np.nan) if self.reward == "progress" else np.zeros(num_domains)
         self._progress = np.zeros(num_domains)
         self._scale = 0.0
         self._offset = 0.0
@@ -307,18 +309,14 @@ class BanditPolicy(Policy):
 
     def _reward_state(self) -> dict[str, Any]:
         return {
-            # The loss reward never reads the smoothed loss: None keeps NaN (never-updated) entries out of the
-            # checkpoint, so two equal states compare equal.
-            "smoothed_loss": None if self.reward == "loss" else self._smoothed_loss.copy(),
+            "smoothed_loss": self._smoothed_loss.copy(),
             "progress": self._progress.copy(),
             "scale": self._scale,
             "offset": self._offset,
         }
 
     def _set_reward_state(self, state: dict[str, Any]) -> None:
-        saved = state["smoothed_loss"]
-        k = self._progress.shape[0] if saved is None else len(saved)
-        self._smoothed_loss = np.full(k, np.nan) if saved is None else np.array(saved, dtype=np.float64)
+        self._smoothed_loss = np.array(state["smoothed_loss"], dtype=np.float64)
         self._progress = np.array(state["progress"], dtype=np.float64)
         self._scale = float(state["scale"])
         self._offset = float(state.get("offset", 0.0))  # absent in states saved before negative-loss handling
