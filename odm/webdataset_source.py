@@ -101,6 +101,12 @@ class WebDatasetSource(Source):
         shuffle: int = 0,
         allow_pipe: bool = False,
     ) -> None:
+        try:
+            import webdataset  # noqa: F401  (read lazily below; checked here so the error comes at construction)
+        except ImportError as err:
+            raise ImportError(
+                "WebDatasetSource needs the `webdataset` package: `pip install 'torch-odm[webdataset]'`"
+            ) from err
         if isinstance(urls, str) and "{" in urls:
             import braceexpand
 

@@ -42,6 +42,7 @@ def test_the_plain_loop_and_held_out_evaluation_need_no_extra() -> None:
         (["torchmetrics"], "odm.stats.DomainLoss", "pip install 'torch-odm[lightning]'"),
         (["transformers"], "import odm.callbacks.transformers", "pip install 'torch-odm[hf]'"),
         (["matplotlib"], "odm.plot_proportions(odm.OnlineMixer(['a']), 'p.png')", "pip install matplotlib"),
+        (["webdataset"], "odm.sources.WebDatasetSource(['a.tar'])", "pip install 'torch-odm[webdataset]'"),
     ],
 )
 def test_a_missing_extra_names_its_install_command(missing: list[str], code: str, message: str) -> None:
