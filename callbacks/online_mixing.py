@@ -51,12 +51,19 @@ def _leaves(tree: Any) -> list[Any]:
     return [] if tree is None else [tree]
 
 
+def _domain_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The batch's domain ids: ``token_domain`` ``[B, T]`` for a packed batch, else ``domain`` ``[B]``."""
+    return batch["token_domain"] if "token_domain" in batch else batch["domain"]
+
+
 class OnlineMixing(Callback):
     """Closes the mixing loop inside a Lightning ``Trainer``.
 
     The LightningModule's ``training_step`` returns ``{"loss": loss, "sample_losses": per_sample_losses}``
     (the callback detaches them), or just the scalar loss when every batch is one domain. Batches are the
-    dicts an :class:`odm.MixtureLoader` yields (``"domain"`` ids and ``"mix_step"``). ``mixer.step()`` runs
+    dicts an :class:`odm.MixtureLoader` yields (``"domain"`` ids and ``"mix_step"``). For packed sequences
+    (``MixtureLoader(..., pack_length=T)``) ``"sample_losses"`` holds per-token losses ``[B, T]`` and each token's
+    loss is credited to its own domain (``batch["token_domain"]``). ``mixer.step()`` runs
     once per optimizer step; how often the policy updates is the mixer's ``update_every``.
 
     Args:
@@ -176,8 +183,12 @@ class OnlineMixing(Callback):
         losses = self._losses(trainer, pl_module, outputs, batch)
         mixer = self.mixer
         mixer.observe(batch, losses)
-        domain = batch["domain"]
-        self._window.append((domain, losses if losses.ndim else losses.expand(domain.shape)))
+        domain = _domain_ids(batch)
+        losses = losses if losses.ndim else losses.expand(domain.shape)
+        if domain.ndim > 1:  # a packed batch: per-token ids and losses, padding (-1) left out of the log
+            keep = domain.reshape(-1) >= 0
+            domain, losses = domain.reshape(-1)[keep], losses.reshape(-1)[keep]
+        self._window.append((domain, losses))
         step = trainer.global_step
         if step == self._seen_global_step:
             return  # a micro-batch of gradient accumulation: no optimizer step yet
@@ -193,10 +204,11 @@ class OnlineMixing(Callback):
     # -- feedback --------------------------------------------------------------------------------------------
     def _losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> torch.Tensor:
         """The per-sample (or one-domain scalar) losses of ``outputs``, detached, checked against the batch."""
-        if not isinstance(batch, Mapping) or "domain" not in batch:
+        if not isinstance(batch, Mapping) or ("domain" not in batch and "token_domain" not in batch):
             raise TypeError(
-                "OnlineMixing needs batches with a 'domain' entry (LongTensor[B]), as odm.MixtureLoader yields; "
-                f"got a {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
+                "OnlineMixing needs batches with a 'domain' entry (LongTensor[B]) or, packed, a 'token_domain' entry "
+                f"(LongTensor[B, T]), as odm.MixtureLoader yields; got a {type(batch).__name__}"
+                + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
             )
         if isinstance(outputs, torch.Tensor):
             outputs = {"loss": outputs}
@@ -204,16 +216,22 @@ class OnlineMixing(Callback):
             raise TypeError(
                 f"training_step returned {type(outputs).__name__}; OnlineMixing needs losses: {_WHAT_TO_RETURN}"
             )
-        domain = batch["domain"]
+        domain = _domain_ids(batch)
         losses = outputs.get(SAMPLE_LOSSES)
         if losses is not None:
-            if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.shape != domain.shape:
+            if not isinstance(losses, torch.Tensor) or losses.shape != domain.shape:
                 got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                packed = domain.ndim > 1
+                what = "tensor with one loss per token of the packed batch" if packed else "1-D tensor, one per sample"
                 raise ValueError(
-                    f"'{SAMPLE_LOSSES}' must be a 1-D tensor with one loss per sample of the batch (shape "
-                    f"[{domain.numel()}]), got {got}: {_WHAT_TO_RETURN}"
+                    f"'{SAMPLE_LOSSES}' must be a {what} (shape {list(domain.shape)}), got {got}: {_WHAT_TO_RETURN}"
                 )
             return losses.detach()
+        if domain.ndim > 1:
+            raise TypeError(
+                f"a packed batch mixes domains within each sequence: training_step must return per-token losses as "
+                f"'{SAMPLE_LOSSES}' (shape {list(domain.shape)}, reduction='none'), not only a scalar 'loss'"
+            )
         loss = outputs.get("loss")
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

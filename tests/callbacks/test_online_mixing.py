@@ -420,3 +420,69 @@ def test_a_callback_driving_another_mixer_than_the_train_loaders_warns(tmp_path)
     other = odm.OnlineMixer(DOMAINS)
     with pytest.warns(UserWarning, match="MixtureLoader with another mixer than this OnlineMixing's"):
         trainer(tmp_path, max_steps=2, callbacks=[OnlineMixing(other)]).fit(Regressor(), train_dataloaders=loader)
+
+
+class PackedLM(pl.LightningModule):
+    """A per-token model over packed rows: returns one loss per token (``[B, T]``), as packed LMs do."""
+
+    def __init__(self, vocab: int = 64) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.emb = nn.Embedding(vocab, 8)
+        self.out = nn.Linear(8, vocab)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"] % self.vocab
+        logits = self.out(self.emb(ids))
+        target = torch.roll(ids, -1, dims=1)
+        losses = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, T]
+        return {"loss": losses.mean(), "sample_losses": losses}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SeenTokens(pl.Callback):
+    def __init__(self) -> None:
+        self.steps: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        self.steps.append((batch["token_domain"].numpy(), outputs["sample_losses"].detach().double().numpy()))
+
+
+def packed_sources(seed: int = 0) -> dict[str, list[list[int]]]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: [list(range(k * 1000, k * 1000 + int(n))) for n in rng.integers(3, 3 + 20 * (k + 1), 50)]
+        for k, name in enumerate(["short", "medium", "long"])
+    }
+
+
+def test_packed_batches_credit_every_tokens_loss_to_its_own_domain_through_the_callback(tmp_path):
+    steps = 6
+    policy = Recorder()
+    loader = odm.MixtureLoader(packed_sources(), batch_size=2, pack_length=32, policy=policy, seed=1)
+    seen = SeenTokens()
+    torch.manual_seed(0)
+    trainer(tmp_path, max_steps=steps, callbacks=[OnlineMixing(loader), seen]).fit(PackedLM(), train_dataloaders=loader)
+
+    assert len(policy.updates) == len(seen.steps) == steps
+    for stats, (ids, losses) in zip(policy.updates, seen.steps):
+        # Reference: token by token, each token's loss added to its own domain.
+        want_sum, want_count = np.zeros(3), np.zeros(3)
+        for d, loss in zip(ids.ravel().tolist(), losses.ravel().tolist()):
+            if d >= 0:
+                want_sum[d] += loss
+                want_count[d] += 1
+        np.testing.assert_allclose(stats.loss_sum, want_sum, rtol=1e-6)
+        np.testing.assert_array_equal(stats.count, want_count)
+
+
+def test_a_packed_batch_with_only_a_scalar_loss_is_refused_with_the_fix(tmp_path):
+    class ScalarOnly(PackedLM):
+        def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+            return super().training_step(batch, batch_idx)["loss"]
+
+    loader = odm.MixtureLoader(packed_sources(), batch_size=2, pack_length=32, policy=Recorder(), seed=1)
+    with pytest.raises(TypeError, match=r"packed batch mixes domains.*per-token losses as 'sample_losses'.*\[2, 32\]"):
+        trainer(tmp_path, max_steps=2, callbacks=[OnlineMixing(loader)]).fit(ScalarOnly(), train_dataloaders=loader)
