@@ -59,7 +59,7 @@ def check_agreement(fields: Mapping[str, Any], group: Any = None) -> None:
     """
     if not distributed(group):
         return
-    mine = {k: v if isinstance(v, str) else describe(v) for k, v in fields.items()}
+    mine = {k: describe(v) for k, v in fields.items()}
     _, world = rank_world(group)
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, mine, group=group)

@@ -245,7 +245,7 @@ def test_ranks_that_disagree_fail_fast_and_a_rank_0_checkpoint_resumes_every_ran
     expected = {
         "domains": "`domains` differs (rank 0: ['a', 'b']; rank 1: ['a', 'c'])",
         "num_domains": "`num_domains` differs (rank 0: 3; rank 1: 2)",
-        "policy": "`policy` differs (rank 0: odm.policies.static.Uniform({}); rank 1: conftest.ChaseLoss({}))",
+        "policy": "`policy` differs (rank 0: 'odm.policies.static.Uniform({})'; rank 1: 'conftest.ChaseLoss({})')",
         "update_every": "`update_every` differs (rank 0: 1; rank 1: 2)",
         "delay": "`delay` differs (rank 0: 0; rank 1: 2)",
         "batch_size": "`batch_size` differs (rank 0: 8; rank 1: 9)",
