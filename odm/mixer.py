@@ -128,7 +128,8 @@ class OnlineMixer:
         self.policy = get_policy(policy).bind(len(self.domains))
         # In updates: a row published after batch b applies from batch b + 1 + delay, which falls in the
         # (delay // update_every + 1)-th update after this one (one batch per step).
-        self.policy.set_publish_delay(self.delay // self.update_every)
+        # In updates, rounded up: an update that mixes batches drawn before and after a publish counts as old.
+        self.policy.set_publish_delay(-(-self.delay // self.update_every))
         self.process_group = process_group
         self.constraints = self._build_constraints(floors, ceilings, frozen, constraints)
         k = len(self.domains)

@@ -413,3 +413,24 @@ def test_proportions_stay_finite_and_on_the_simplex_over_random_worlds(seed):
         world.run(policy, 10)
         for p in (policy.proportions, policy.main_proportions):
             assert np.all(np.isfinite(p)) and np.all(p >= 0) and abs(p.sum() - 1) < 1e-9
+
+
+@pytest.mark.parametrize(("delay", "update_every"), [(6, 4), (5, 4), (8, 4), (3, 2), (6, 1), (0, 4)])
+def test_the_delay_the_mixer_tells_aioli_is_the_one_aioli_learns_from_the_drawn_mixtures(delay, update_every):
+    """Through a real mixer: told (set_publish_delay) and learned (first update drawn wholly under a new
+    mixture) agree, including when the delay in batches is not a multiple of update_every (rounded up)."""
+    lags = []
+    for tell in (False, True):
+        policy = Aioli(round_steps=40, sweeps=1, probe_steps=2, prior_steps=2)
+        if not tell:
+            policy.set_publish_delay = lambda d: None  # type: ignore[method-assign]
+        mixer = odm.OnlineMixer(["a", "b", "c"], policy, delay=delay, update_every=update_every)
+        for b in range(240):
+            p = mixer.schedule.lookup(b)[0]
+            ids = np.repeat(np.arange(3), np.round(np.asarray(p) * 30).astype(int))
+            mixer.observe(ids, np.ones(len(ids)), mix_step=b)
+            if mixer.wants_eval():
+                mixer.observe_eval(np.full(3, 10.0 - 0.01 * b), np.ones(3))
+            mixer.step()
+        lags.append(policy._lag)
+    assert lags[0] == lags[1] == -(-delay // update_every)
