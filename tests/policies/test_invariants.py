@@ -1,4 +1,4 @@
-"""Invariants every bandit/ODM policy satisfies (ALGORITHMS.md, "Invariants"), over many seeds."""
+"""Invariants every bandit/ODM policy satisfies (docs/algorithms.md, "Invariants"), over many seeds."""
 
 from __future__ import annotations
 
