@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -273,19 +274,48 @@ class MixtureLoader(torch.utils.data.DataLoader):
         n = self.num_batches
         remaining = -1 if n is None else n - start % n
         sync = ds.exhausted != "restart" and distributed(group)
-        it = self._track(super().__iter__(), start, remaining, sync)
+        it = self._track(self._batches(), start, remaining, sync)
         self._iterators.add(it)
         return it
+
+    def _batches(self) -> Iterator[Any]:
+        """The dataset's batches: through ``DataLoader.__iter__``, or — with no workers and nothing that needs
+        torch's iterator (``pin_memory``, a ``timeout``) — straight from the dataset.
+
+        NOTE: torch's single-process iterator only hands the dataset's batches through the identity
+        ``collate_fn``, yet adds a profiler scope, a sampler and a fetcher call to every batch: a large share of
+        the loader's own time for small batches. Its one other effect is kept: each iterator draws a base seed
+        from ``generator`` (default: the global torch RNG), so the RNG stream after ``iter(loader)`` is the same.
+        """
+        if self.num_workers or self.pin_memory or self.timeout:
+            return super().__iter__()
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return iter(self.dataset)
 
     def _track(self, it: Iterator[Any], start: int, remaining: int, sync: bool) -> Iterator[Any]:
         """Yields the batches of ``it``, recording each one's stream rows; ``remaining`` < 0: no end."""
         take = self._slot_rows.take
         served = self.mixer.note_served
+        from_numpy = torch.from_numpy
         # With several workers the DataLoader skips a worker whose slot is spent and serves the others' batches:
         # under "stop" the first missing batch index ends the iteration.
         stop_at_gap = self.dataset.exhausted == "stop" and self._num_slots > 1  # type: ignore[attr-defined]
-        expected = start
-        while remaining:
+        if sync or stop_at_gap:
+            it = self._until_short(it, start, sync, stop_at_gap)
+        # NOTE: this loop runs once per batch; a plain `for` over islice costs least.
+        for batch in it if remaining < 0 else islice(it, remaining):
+            state = batch.pop(STATE_KEY)
+            b = batch["mix_step"]
+            if "domain" in batch:  # packed batches carry `token_domain` instead
+                batch["domain"] = from_numpy(batch["domain"])
+            take(b, state["slot"], state["row"])
+            served(b)
+            yield batch
+
+    def _until_short(self, it: Iterator[Any], expected: int, sync: bool, stop_at_gap: bool) -> Iterator[Any]:
+        """``it`` up to the first missing batch index (``stop_at_gap``) or the first batch some rank lacks
+        (``sync``: one all_reduce per batch)."""
+        while True:
             batch = next(it, None)
             if batch is not None and stop_at_gap and batch["mix_step"] != expected:
                 batch = None
@@ -293,14 +323,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 return
             if batch is None:
                 return
-            state = batch.pop(STATE_KEY)
-            b = batch["mix_step"]
-            if "domain" in batch:  # packed batches carry `token_domain` instead
-                batch["domain"] = torch.from_numpy(batch["domain"])
-            take(b, state["slot"], state["row"])
-            served(b)
-            expected = b + 1
-            remaining -= 1
+            expected = batch["mix_step"] + 1
             yield batch
 
     def _all_ranks_have(self, mine: bool) -> bool:
