@@ -572,7 +572,9 @@ def test_num_batches_counts_the_observe_calls_behind_each_update_and_not_the_eva
     assert [s.num_batches for s in rec.seen] == [4, 2]
 
 
-@pytest.mark.parametrize(("delay", "update_every", "updates"), [(0, 1, 0), (6, 1, 6), (6, 4, 2), (5, 4, 2), (4, 4, 1), (8, 4, 2), (0, 4, 0)])
+@pytest.mark.parametrize(
+    ("delay", "update_every", "updates"), [(0, 1, 0), (6, 1, 6), (6, 4, 2), (5, 4, 2), (4, 4, 1), (8, 4, 2), (0, 4, 0)]
+)
 def test_the_policy_is_told_the_publish_delay_in_updates(delay, update_every, updates):
     told = []
 
