@@ -14,11 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q torch
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip uninstall -q -y odm 2>/dev/null || true  # the distribution's name before 0.1 was `odm`
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+	@echo "installed into $(VENV): run \`$(VENV)/bin/odm demo --help\` (or \`source $(VENV)/bin/activate\` to put \`odm\` on PATH)"
 
+# The fast synthetic comparison, whatever corpus is cached (the real-corpus run: `odm demo --real`).
 demo: setup
-	$(PY) -m odm demo
+	$(VENV)/bin/odm demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -3,22 +3,26 @@
 It maps Lightning hooks to mixer calls and does nothing else:
 
 * ``on_train_batch_end`` (every micro-batch): ``mixer.observe(batch, sample_losses)``; on the micro-batch
-  that ends an optimizer step, ``mixer.step()`` — after a held-out evaluation when the policy asks for one;
+  that ends an optimizer step, ``mixer.step()`` — after a held-out evaluation when the mixer asks for one;
 * every ``log_every`` optimizer steps: ``mix/p/<domain>`` and ``mix/loss/<domain>`` to the Trainer's loggers;
-* checkpoints: the mixer, and the stream state of its :class:`odm.MixtureLoader` cut at the batch the model
-  last trained on (Lightning fetches one batch ahead, so the loader's own newest state is one batch too far).
+* checkpoints: nothing, when an :class:`odm.MixtureLoader` holding the mixer is the train dataloader —
+  Lightning saves a stateful train loader's ``state_dict()`` on every rank and restores it before iterating,
+  and the loader's state is cut at the last batch the mixer stepped on and holds the mixer. Otherwise the
+  callback's own state holds the mixer.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
+from odm._checks import check_int
 from odm.loader import MixtureLoader
 from odm.mixer import OnlineMixer
 from odm.policies import EVAL_LOSS
@@ -28,7 +32,7 @@ __all__ = ["SAMPLE_LOSSES", "OnlineMixing"]
 
 #: The key of ``training_step``'s output dict that holds the per-sample losses ``[B]``.
 SAMPLE_LOSSES = "sample_losses"
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 _WHAT_TO_RETURN = (
     "return the per-sample losses from `training_step`, e.g.\n"
@@ -38,17 +42,18 @@ _WHAT_TO_RETURN = (
 )
 
 
-def _positive_int(value: Any, name: str, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+def _leaves(tree: Any) -> list[Any]:
+    """The loaders of Lightning's ``train_dataloader`` (a loader, or a list / dict of them)."""
+    if isinstance(tree, Mapping):
+        return [x for v in tree.values() for x in _leaves(v)]
+    if isinstance(tree, list | tuple):
+        return [x for v in tree for x in _leaves(v)]
+    return [] if tree is None else [tree]
 
 
-def _is_stateful(loader: Any) -> bool:
-    # The test Lightning uses (lightning.fabric.utilities.types._Stateful) to decide which loaders it saves.
-    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+def _domain_ids(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The batch's domain ids: ``token_domain`` ``[B, T]`` for a packed batch, else ``domain`` ``[B]``."""
+    return batch["token_domain"] if "token_domain" in batch else batch["domain"]
 
 
 class OnlineMixing(Callback):
@@ -56,18 +61,20 @@ class OnlineMixing(Callback):
 
     The LightningModule's ``training_step`` returns ``{"loss": loss, "sample_losses": per_sample_losses}``
     (the callback detaches them), or just the scalar loss when every batch is one domain. Batches are the
-    dicts an :class:`odm.MixtureLoader` yields (``"domain"`` ids and ``"mix_step"``).
+    dicts an :class:`odm.MixtureLoader` yields (``"domain"`` ids and ``"mix_step"``). For packed sequences
+    (``MixtureLoader(..., pack_length=T)``) ``"sample_losses"`` holds per-token losses ``[B, T]`` and each token's
+    loss is credited to its own domain (``batch["token_domain"]``). ``mixer.step()`` runs
+    once per optimizer step; how often the policy updates is the mixer's ``update_every``.
 
     Args:
         mixer: the :class:`odm.OnlineMixer`, or the :class:`odm.MixtureLoader` whose mixer to drive.
-        update_every: call ``mixer.step()`` every N optimizer steps (losses of every micro-batch in between
-            accumulate). The mixer has its own ``update_every``; set one of the two.
         log_every: log ``mix/p/<domain>`` and ``mix/loss/<domain>`` every N optimizer steps; default: the
             Trainer's ``log_every_n_steps``. ``mix/loss`` is the mean training loss per domain since the
             previous log, summed across ranks (:class:`odm.stats.DomainLoss`); rank zero writes.
         eval_loaders: ``{domain: held-out loader}`` for policies that need per-domain held-out loss (Aioli,
-            Skill-It). Evaluated, in eval mode under ``no_grad``, whenever ``mixer.wants_eval()`` says so and
-            every ``eval_every`` optimizer steps; the sums and counts go to ``mixer.observe_eval``.
+            Skill-It). Evaluated, in eval mode under ``no_grad``, whenever ``mixer.wants_eval()`` says so (only
+            before a step that updates the policy) and every ``eval_every`` optimizer steps; the sums and counts
+            go to ``mixer.observe_eval``.
         eval_every: also evaluate every N optimizer steps (``None``: only when the policy asks).
         eval_fn: ``(pl_module, batch) -> per-sample losses [B]`` for one held-out batch (required with
             ``eval_loaders``).
@@ -79,11 +86,10 @@ class OnlineMixing(Callback):
         ValueError: a non-positive interval, held-out data for unknown domains, ``eval_loaders`` without
             ``eval_fn`` (or the reverse), or a policy that requires held-out losses with no ``eval_loaders``.
 
-    Checkpoints: resuming with ``trainer.fit(..., ckpt_path=...)`` continues with the same proportions and
-    the same batches as an uninterrupted run (single process, any ``num_workers``). A checkpoint taken between
-    two policy updates (``update_every > 1``, or mid gradient accumulation) does not keep the losses observed
-    since the last update. NOTE: under DDP, Lightning saves rank zero's loader state only, so each rank's
-    stream positions are not yet restored exactly.
+    Checkpoints: resuming with ``trainer.fit(..., ckpt_path=...)`` continues with the same proportions and the
+    same batches as an uninterrupted run — single process or DDP (the file rank zero writes resumes every
+    rank), any ``num_workers``, gradient accumulation, a checkpoint between two policy updates. The mixer is
+    saved once: inside the train loader's state, or in this callback's when no train loader holds it.
 
     Example::
 
@@ -96,7 +102,6 @@ class OnlineMixing(Callback):
         self,
         mixer: OnlineMixer | MixtureLoader,
         *,
-        update_every: int = 1,
         log_every: int | None = None,
         eval_loaders: Mapping[str, Iterable[Any]] | None = None,
         eval_every: int | None = None,
@@ -104,17 +109,14 @@ class OnlineMixing(Callback):
         eval_max_batches: int | None = None,
     ) -> None:
         if isinstance(mixer, MixtureLoader):
-            self.loader: MixtureLoader | None = mixer
             self.mixer = mixer.mixer
         elif isinstance(mixer, OnlineMixer):
-            self.loader = None
             self.mixer = mixer
         else:
             raise TypeError(f"`mixer` must be an odm.OnlineMixer or an odm.MixtureLoader, got {type(mixer).__name__}")
-        _positive_int(update_every, "update_every")
-        _positive_int(log_every, "log_every", allow_none=True)
-        _positive_int(eval_every, "eval_every", allow_none=True)
-        _positive_int(eval_max_batches, "eval_max_batches", allow_none=True)
+        self.log_every = check_int(log_every, "log_every", low=1, allow_none=True)
+        self.eval_every = check_int(eval_every, "eval_every", low=1, allow_none=True)
+        self.eval_max_batches = check_int(eval_max_batches, "eval_max_batches", low=1, allow_none=True)
         if eval_loaders is not None:
             if not isinstance(eval_loaders, Mapping):
                 raise TypeError(
@@ -137,67 +139,76 @@ class OnlineMixing(Callback):
                 f"policy {self.mixer.policy!r} needs per-domain held-out losses: pass "
                 "`eval_loaders={domain: loader}` and `eval_fn=lambda module, batch: per_sample_losses`"
             )
-        self.update_every = update_every
-        self.log_every = log_every
         self.eval_loaders = eval_loaders
-        self.eval_every = eval_every
         self.eval_fn = eval_fn
-        self.eval_max_batches = eval_max_batches
         self.metric = DomainLoss(self.mixer.domains)
         self._state_key = self._generate_state_key(domains=tuple(self.mixer.domains))
-        self._num_steps = 0  # optimizer steps seen by this callback over the run
-        self._seen_global_step: int | None = None
-        self._last_mix_step: int | None = None  # the newest batch the model trained on
+        self._loader_saves_mixer = False  # set at on_train_start
+        self._seen_global_step = -1
+        self._log_every = 50
         self._checked_scalar = False
         # (domain ids, losses) of the steps since the last log, fed to `metric` in one update when logging
         # (a torchmetrics update per step costs more than the rest of this callback together).
         self._window: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
+    @override
     def state_key(self) -> str:
         # Lightning reads it on every hook call (profiler names): computed once.
         return self._state_key
 
     # -- hooks -----------------------------------------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.metric.to(pl_module.device)
         self.metric.reset()
         self._window.clear()
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen_global_step = trainer.global_step
+        self._log_every = self.log_every or getattr(trainer, "log_every_n_steps", None) or 50
+        loaders = [dl for dl in _leaves(trainer.train_dataloader) if isinstance(dl, MixtureLoader)]
+        self._loader_saves_mixer = any(dl.mixer is self.mixer for dl in loaders)
+        if loaders and not self._loader_saves_mixer:
+            rank_zero_warn(
+                "odm: the train dataloader is a MixtureLoader with another mixer than this OnlineMixing's: its "
+                "proportions will not follow the feedback. Pass that loader (or its .mixer) to OnlineMixing"
+            )
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         losses = self._losses(trainer, pl_module, outputs, batch)
-        self.mixer.observe(batch, losses)
-        domain = batch["domain"]
-        self._window.append((domain, losses if losses.ndim else losses.reshape(1).expand(domain.numel())))
-        if "mix_step" in batch:
-            self._last_mix_step = int(batch["mix_step"])
-        if trainer.global_step == self._seen_global_step:
-            return  # a micro-batch of gradient accumulation: no optimizer step yet
-        self._seen_global_step = trainer.global_step
-        self._num_steps += 1
+        mixer = self.mixer
+        mixer.observe(batch, losses)
+        domain = _domain_ids(batch)
+        losses = losses if losses.ndim else losses.expand(domain.shape)
+        if domain.ndim > 1:  # a packed batch: per-token ids and losses, padding (-1) left out of the log
+            keep = domain.reshape(-1) >= 0
+            domain, losses = domain.reshape(-1)[keep], losses.reshape(-1)[keep]
+        self._window.append((domain, losses))
         step = trainer.global_step
-        update = self._num_steps % self.update_every == 0
+        if step == self._seen_global_step:
+            return  # a micro-batch of gradient accumulation: no optimizer step yet
+        self._seen_global_step = step
         if self.eval_loaders is not None and (
-            (self.eval_every is not None and step % self.eval_every == 0) or (update and self.mixer.wants_eval())
+            mixer.wants_eval() or (self.eval_every is not None and step % self.eval_every == 0)
         ):
             self._evaluate(pl_module)
-        if update:
-            self.mixer.step()
-        if step % (self.log_every or getattr(trainer, "log_every_n_steps", None) or 50) == 0:
+        mixer.step()
+        if step % self._log_every == 0:
             self._log(trainer, step)
 
     # -- feedback --------------------------------------------------------------------------------------------
     def _losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> torch.Tensor:
         """The per-sample (or one-domain scalar) losses of ``outputs``, detached, checked against the batch."""
-        if not isinstance(batch, Mapping) or "domain" not in batch:
+        if not isinstance(batch, Mapping) or ("domain" not in batch and "token_domain" not in batch):
             raise TypeError(
-                "OnlineMixing needs batches with a 'domain' entry (LongTensor[B]), as odm.MixtureLoader yields; "
-                f"got a {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
+                "OnlineMixing needs batches with a 'domain' entry (LongTensor[B]) or, packed, a 'token_domain' entry "
+                f"(LongTensor[B, T]), as odm.MixtureLoader yields; got a {type(batch).__name__}"
+                + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
             )
         if isinstance(outputs, torch.Tensor):
             outputs = {"loss": outputs}
@@ -205,16 +216,22 @@ class OnlineMixing(Callback):
             raise TypeError(
                 f"training_step returned {type(outputs).__name__}; OnlineMixing needs losses: {_WHAT_TO_RETURN}"
             )
-        domain = batch["domain"]
-        if SAMPLE_LOSSES in outputs:
-            losses = outputs[SAMPLE_LOSSES]
-            if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.numel() != domain.numel():
+        domain = _domain_ids(batch)
+        losses = outputs.get(SAMPLE_LOSSES)
+        if losses is not None:
+            if not isinstance(losses, torch.Tensor) or losses.shape != domain.shape:
                 got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                packed = domain.ndim > 1
+                what = "tensor with one loss per token of the packed batch" if packed else "1-D tensor, one per sample"
                 raise ValueError(
-                    f"'{SAMPLE_LOSSES}' must be a 1-D tensor with one loss per sample of the batch (shape "
-                    f"[{domain.numel()}]), got {got}: {_WHAT_TO_RETURN}"
+                    f"'{SAMPLE_LOSSES}' must be a {what} (shape {list(domain.shape)}), got {got}: {_WHAT_TO_RETURN}"
                 )
             return losses.detach()
+        if domain.ndim > 1:
+            raise TypeError(
+                f"a packed batch mixes domains within each sequence: training_step must return per-token losses as "
+                f"'{SAMPLE_LOSSES}' (shape {list(domain.shape)}, reduction='none'), not only a scalar 'loss'"
+            )
         loss = outputs.get("loss")
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -269,57 +286,14 @@ class OnlineMixing(Callback):
                 logger.log_metrics(metrics, step=step)
 
     # -- checkpointing ---------------------------------------------------------------------------------------
-    def _train_loader(self, trainer: pl.Trainer) -> tuple[MixtureLoader | None, list[Any]]:
-        """The MixtureLoader feeding this mixer, and the stateful loaders Lightning saves, in its order."""
-        combined = getattr(trainer.fit_loop, "_combined_loader", None)
-        flattened = list(getattr(combined, "flattened", None) or [])
-        stateful = [dl for dl in flattened if _is_stateful(dl)]
-        if self.loader is not None:
-            return self.loader, stateful
-        mine = [dl for dl in flattened if isinstance(dl, MixtureLoader) and dl.mixer is self.mixer]
-        return (mine[0] if mine else None), stateful
-
-    def _loader_state(self, loader: MixtureLoader) -> dict[str, Any] | None:
-        if self._last_mix_step is None:
-            return None
-        try:
-            return loader.state_dict(upto=self._last_mix_step)
-        except ValueError as err:
-            warnings.warn(f"odm: could not cut the loader state at the last trained batch ({err})", stacklevel=2)
-            return None
-
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION,
-            "mixer": self.mixer.state_dict(),
-            "loader": self._loader_state(self.loader) if self.loader is not None else None,
-            "num_steps": self._num_steps,
-            "last_mix_step": self._last_mix_step,
-        }
+        # The mixer is saved once: by the train loader when one holds it (Lightning saves its state_dict()).
+        return {"version": _STATE_VERSION, "mixer": None if self._loader_saves_mixer else self.mixer.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"OnlineMixing state has version {state_dict.get('version')!r}, expected {_STATE_VERSION}")
-        if self.loader is not None and state_dict.get("loader") is not None:
-            self.loader.load_state_dict(state_dict["loader"])  # restores the mixer too
-        else:
+        if state_dict.get("mixer") is not None:
             self.mixer.load_state_dict(state_dict["mixer"])
-        self._num_steps = int(state_dict["num_steps"])
-        last = state_dict["last_mix_step"]
-        self._last_mix_step = None if last is None else int(last)
-
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # NOTE: Lightning saves each stateful train loader's `state_dict()` in the fit loop's state
-        # (loops.fit_loop.state_dict.combined_loader) and loads it back after the callbacks, just before
-        # iterating. At save time its fetcher has already taken the next batch, so that copy is one batch ahead
-        # of the model; replace ours with the state cut at the last trained batch, or a resumed run skips one.
-        loader, stateful = self._train_loader(trainer)
-        saved = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-        if loader is None or not saved or len(saved) != len(stateful):
-            return
-        index = next((i for i, dl in enumerate(stateful) if dl is loader), None)
-        state = self._loader_state(loader)
-        if index is not None and state is not None:
-            saved[index] = state

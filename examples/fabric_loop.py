@@ -5,8 +5,9 @@
 
 Per step: ``mixer.observe(batch, per_sample_losses)`` (no host sync), then — only when the policy asks —
 ``mixer.observe_eval(*evaluate_domains(...))``, then ``mixer.step()`` (one all_reduce under DDP, then the
-update). The loader's ``state_dict()`` checkpoints the mixer and the stream positions; this loop takes no batch
-ahead of the one it trains on, so the loader's own state is exact (no ``upto=`` needed).
+update). The loader's ``state_dict()`` checkpoints the mixer and the stream positions, cut at the last batch the
+mixer stepped on — exact however far ahead the loop or its workers fetch, and under DDP the file rank 0 writes
+resumes every rank (``state_dict()`` is not a collective, so saving on rank 0 alone is fine too).
 """
 
 from __future__ import annotations

@@ -68,15 +68,16 @@ def check_int(
     """
     if value is None and allow_none:
         return None
+    if is_int(value):
+        v = int(value)
+        if (low is None or v >= low) and (high is None or v <= high):
+            return v  # NOTE: the common case builds no message (this check runs once per batch in the loader)
     what = "an integer" + (f" {_bounds_text(low, high, False, False)}" if low is not None or high is not None else "")
     if allow_none:
         what += " or None"
     if not is_int(value):
         raise TypeError(f"`{name}` must be {what}, got {value!r} ({type(value).__name__})")
-    v = int(value)
-    if (low is not None and v < low) or (high is not None and v > high):
-        raise ValueError(f"`{name}` must be {what}, got {v!r}")
-    return v
+    raise ValueError(f"`{name}` must be {what}, got {int(value)!r}")
 
 
 def check_float(

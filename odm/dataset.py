@@ -10,32 +10,80 @@ the ``j``-th batch of an iteration makes global batches ``≡ start + j (mod W)`
 ``(worker + start) mod W``, and each slot owns a disjoint shard of every domain and its own random key. A run's
 data is therefore a function of the seed, the sources, ``W``, the world size and the published proportions —
 not of worker timing, nor of where an iteration (re)started.
+
+Sharding: slot ``w`` of rank ``r`` reads shard ``r * W + w`` of ``world_size * W`` of every domain, under the
+contract of :mod:`odm.sources` (sharded by odm or by the source, never both; every sample once per pass). The
+draw key holds the rank, so ranks draw different domain sequences; pass orders hold only the run's seed, so
+ranks agree on them. A slot's stream state travels as a :class:`StreamRow`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from itertools import chain, islice
+from itertools import islice
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.utils.data
 from torch.utils.data import default_collate
 
-from odm._draw import inverse_cdf as _draw
-from odm._draw import largest_remainder
+from odm._checks import check_choice, check_int, check_seed
+from odm._draw import inverse_cdf, largest_remainder
 from odm.schedule import MODE_EXACT, ProportionSchedule
 from odm.sources import Source, as_source
+from odm.topology import Work, open_progression
 
-__all__ = ["EXHAUSTED_MODES", "GRANULARITIES", "MixtureDataset", "largest_remainder"]
+__all__ = ["EXHAUSTED_MODES", "GRANULARITIES", "MixtureDataset", "StreamRow", "largest_remainder"]
 
 GRANULARITIES = ("sample", "batch")
 EXHAUSTED_MODES = ("restart", "stop", "drop")
 #: Batch key carrying the slot's stream state to :class:`odm.MixtureLoader` (removed before the user sees it).
 STATE_KEY = "_odm_state"
 _STATE_VERSION = 1
+#: ``StreamRow.next_batch`` of a slot that has not produced a batch yet (its streams start fresh).
+FRESH = -1
+
+
+class StreamRow(NamedTuple):
+    """One slot's stream state: what a worker attaches to each batch and the loader keeps in shared memory.
+
+    Flat, it is the int64 row ``[next_batch, epochs(K), positions(K), active(K)]`` (:meth:`pack` /
+    :meth:`unpack`); ``next_batch == -1`` marks a slot that has produced no batch yet (fresh streams).
+
+    Example:
+        >>> row = StreamRow(7, [0, 1], [5, 2], [1, 1]).pack()
+        >>> row, StreamRow.width(2), StreamRow.unpack(row, 2).positions
+        ([7, 0, 1, 5, 2, 1, 1], 7, [5, 2])
+    """
+
+    #: The global batch this slot makes next.
+    next_batch: int
+    #: Each domain's pass (epoch) in this slot's shard.
+    epochs: list[int]
+    #: Items of the current pass each domain's shard has consumed.
+    positions: list[int]
+    #: 1 while a domain is still drawn, 0 once dropped (``exhausted="drop"`` / ``max_passes``).
+    active: list[int]
+
+    @staticmethod
+    def width(num_domains: int) -> int:
+        """Length of the flat row for ``num_domains`` domains."""
+        return 1 + 3 * num_domains
+
+    def pack(self) -> list[int]:
+        """The flat row ``[next_batch, epochs…, positions…, active…]``."""
+        return [self.next_batch, *self.epochs, *self.positions, *self.active]
+
+    @classmethod
+    def unpack(cls, row: Any, num_domains: int) -> StreamRow:
+        """Reads a flat row (a list, numpy array or tensor row) of ``num_domains`` domains."""
+        values = [int(x) for x in (row.tolist() if hasattr(row, "tolist") else row)]
+        k = num_domains
+        if len(values) != cls.width(k):
+            raise ValueError(f"a stream row for {k} domains has {cls.width(k)} entries, got {len(values)}")
+        return cls(values[0], values[1 : 1 + k], values[1 + k : 1 + 2 * k], values[1 + 2 * k :])
 
 
 class _Exhausted(Exception):
@@ -45,7 +93,7 @@ class _Exhausted(Exception):
 class _DomainStream:
     """One domain's stream in one shard: the source plus its explicit position ``(epoch, position)``."""
 
-    __slots__ = ("_it", "epoch", "max_passes", "name", "num_shards", "position", "seed", "shard", "source")
+    __slots__ = ("_it", "epoch", "max_passes", "name", "num_shards", "position", "seed", "shard", "source", "work")
 
     def __init__(self, name: str, source: Source, shard: int, num_shards: int, seed: int, max_passes: int | None):
         self.name, self.source, self.shard, self.num_shards = name, source, shard, num_shards
@@ -53,31 +101,88 @@ class _DomainStream:
         self.epoch = 0
         self.position = 0
         self._it: Iterator[Any] | None = None
+        # After a resume on another topology (odm.topology): the rest of the begun passes this shard reads first.
+        # While it does, `epoch` is -(i + 1) for plan item i.
+        self.work: Work | None = None
 
-    def take(self, n: int) -> list[Any]:
-        """Up to ``n`` items of the current pass (fewer only at the end of the pass)."""
+    def iterator(self) -> Iterator[Any]:
+        """The open iterator of the current pass, from ``position``."""
         if self._it is None:
-            self._it = self.source.open(
-                shard=self.shard, num_shards=self.num_shards, epoch=self.epoch, start=self.position, seed=self.seed
-            )
+            try:
+                if self.epoch < 0:
+                    assert self.work is not None
+                    prog = self.work.plan[-self.epoch - 1]
+                    self._it = open_progression(self.source, prog, start=self.position, seed=self.seed)
+                else:
+                    self._it = self.source.open(
+                        shard=self.shard,
+                        num_shards=self.num_shards,
+                        epoch=self.epoch,
+                        start=self.position,
+                        seed=self.seed,
+                    )
+            except Exception as err:
+                raise self.error(err, self.position) from err
+        return self._it
+
+    def extend(self, out: list[Any], n: int) -> int:
+        """Appends up to ``n`` items of the current pass to ``out`` (fewer only at the end of the pass);
+        returns how many."""
+        before = len(out)
         try:
-            items = list(islice(self._it, n))
+            out.extend(islice(self.iterator(), n))
         except Exception as err:
-            raise RuntimeError(
-                f"the source of domain {self.name!r} raised {type(err).__name__}: {err} "
-                f"(shard {self.shard} of {self.num_shards}, pass {self.epoch}, item {self.position})"
-            ) from err
-        self.position += len(items)
-        return items
+            # `extend` keeps the items appended before the failure: the failing item is the next one.
+            raise self.error(err, self.position + len(out) - before) from err
+        got = len(out) - before
+        self.position += got
+        return got
+
+    def error(self, err: Exception, item: int) -> RuntimeError:
+        if isinstance(err, RuntimeError) and str(err).startswith("the source of domain"):
+            return err
+        return RuntimeError(
+            f"the source of domain {self.name!r} raised {type(err).__name__}: {err} "
+            f"(shard {self.shard} of {self.num_shards}, pass {self.epoch}, item {item} of the shard's pass)"
+        )
+
+    def next_in_plan(self) -> bool:
+        """Moves to the next item of a resharding plan; False when not inside one or at its last item."""
+        if self.epoch >= 0 or self.work is None or -self.epoch >= len(self.work.plan):
+            return False
+        self.epoch, self.position, self._it = self.epoch - 1, 0, None
+        return True
 
     def next_pass(self) -> bool:
         """Starts the next pass; False once the repetition budget ``max_passes`` is spent."""
-        if self.max_passes is not None and self.epoch + 1 >= self.max_passes:
+        nxt = self.epoch + 1 if self.epoch >= 0 or self.work is None else self.work.next_epoch
+        if self.max_passes is not None and nxt >= self.max_passes:
             return False
-        self.epoch += 1
+        self.epoch = nxt
         self.position = 0
         self._it = None
         return True
+
+
+def _refuse_list_rows(domains: list[str], sources: list[Source]) -> None:
+    """With the default collate, refuses a Hugging Face dataset whose rows hold Python lists.
+
+    ``default_collate`` zips a batch of equal-length lists into a list of per-position tensors: a silently
+    transposed batch, not an error.
+    """
+    for domain, src in zip(domains, sources):
+        data = getattr(src, "dataset", None)
+        if data is None or type(data).__module__.split(".")[0] != "datasets":
+            continue
+        from odm.hf_sources import list_columns
+
+        cols = list_columns(data)
+        if cols:
+            raise TypeError(
+                f"source of domain {domain!r}: this Hugging Face dataset returns the columns {cols} as Python "
+                "lists, which the default collate would transpose (a list of [B] tensors instead of one [B, L] "
+                "tensor); pass `ds.with_format('torch')` (or 'numpy'), or give a `collate_fn`"
+            )
 
 
 class MixtureDataset(torch.utils.data.IterableDataset):
@@ -109,7 +214,13 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     Raises:
         ValueError: no domains, ``batch_size < 1``, unknown ``granularity`` / ``exhausted``, a bad
             ``max_passes``.
-        TypeError: a domain name that is not a string, or a source that is not iterable.
+        TypeError: a domain name that is not a string, a source that is not iterable (or a set, a dict, a
+            one-shot iterator), a Hugging Face dataset with Python-list rows under the default collate.
+
+    Example:
+        >>> ds = MixtureDataset({"a": [0, 1, 2], "b": [10, 11, 12]}, batch_size=4, max_passes=1)
+        >>> sorted(x for batch in ds for x in batch["data"].tolist())
+        [0, 1, 2, 10, 11, 12]
     """
 
     def __init__(
@@ -131,16 +242,14 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         for name in sources:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"domain names must be non-empty strings, got {name!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}")
-        if exhausted not in EXHAUSTED_MODES:
-            raise ValueError(f"`exhausted` must be one of {EXHAUSTED_MODES}, got {exhausted!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
+        batch_size = check_int(batch_size, "batch_size", low=1)
+        granularity = check_choice(granularity, "granularity", GRANULARITIES)
+        exhausted = check_choice(exhausted, "exhausted", EXHAUSTED_MODES)
+        seed = check_seed(seed)
         self.domains: list[str] = list(sources)
         self.sources: list[Source] = [as_source(s, domain=d) for d, s in sources.items()]
+        if collate_fn is None:
+            _refuse_list_rows(self.domains, self.sources)
         self.batch_size = batch_size
         self.granularity = granularity
         self.seed = seed
@@ -153,6 +262,9 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"`schedule` has {schedule.num_domains} domains but `sources` has {len(self.domains)}")
         self.schedule = schedule
         # Set by the main process before workers start (see odm.MixtureLoader).
+        # After a resume on another topology: per shard (rank * num_workers + slot), per domain, the rest of the
+        # begun passes that shard reads first (odm.topology.reshard).
+        self.plans: list[list[Work]] | None = None
         self.rank = 0
         self.world_size = 1
         self.attach_state = False
@@ -171,14 +283,16 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             values = [max_passes.get(d) for d in self.domains]
         else:
             values = [max_passes] * k
-        for v in values:
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"`max_passes` must be a positive integer (or None), got {v!r}")
-        return values
+        return [check_int(v, "max_passes", low=1, allow_none=True) for v in values]
 
     @property
     def num_domains(self) -> int:
         return len(self.domains)
+
+    @property
+    def state_width(self) -> int:
+        """Length of a slot's stream-state row (:class:`StreamRow`), as for ``odm.packing``'s dataset."""
+        return StreamRow.width(self.num_domains)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -200,8 +314,13 @@ class MixtureIterator:
             _DomainStream(name, src, shard, num_shards, dataset.seed, mp)
             for name, src, mp in zip(dataset.domains, dataset.sources, dataset.max_passes)
         ]
+        if dataset.plans is not None:
+            for stream, work in zip(self.streams, dataset.plans[shard]):
+                stream.work = work
+                stream.epoch, stream.position = work.start()
         self.active = np.ones(dataset.num_domains, dtype=bool)
         self._num_active = dataset.num_domains  # mirrors active.sum(): checked on every batch
+        self._active_row = [1] * dataset.num_domains  # mirrors active, as the ints of the stream row
         # k: this slot's next batch is global batch k * num_slots + slot (the first one at or after `start`).
         self.local_batch = max(0, (start - slot + num_slots - 1) // num_slots)
         self.finished = False
@@ -212,28 +331,35 @@ class MixtureIterator:
         self._bitgen_state = self._bitgen.state
         self._cdf_key: tuple[bytes, int] = (b"", -1)
         self._cdf = np.ones(dataset.num_domains)
+        self._arange = np.arange(dataset.batch_size)
+        self._row: tuple[np.ndarray, int] = (np.ones(dataset.num_domains), 0)
+        self._row_count = -1  # the schedule's row count when self._row was the newest row, else -1
         if dataset.resume is not None:
             self._load_row(dataset.resume[1 + slot].numpy())
 
-    # -- state -----------------------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------------------
     def _load_row(self, row: np.ndarray) -> None:
-        if int(row[0]) < 0:  # this slot has not produced a batch yet: fresh streams
+        state = StreamRow.unpack(row, self.ds.num_domains)
+        if state.next_batch == FRESH:  # this slot has not produced a batch yet
             return
-        k = self.ds.num_domains
-        epochs, positions, active = row[1 : 1 + k], row[1 + k : 1 + 2 * k], row[1 + 2 * k : 1 + 3 * k]
-        for s, e, pos in zip(self.streams, epochs, positions):
-            s.epoch, s.position, s._it = int(e), int(pos), None
-        self.active = active.astype(bool)
+        for s, e, pos in zip(self.streams, state.epochs, state.positions):
+            s.epoch, s.position, s._it = e, pos, None
+        self.active = np.asarray(state.active, dtype=bool)
         self._num_active = int(self.active.sum())
+        self._active_row = self.active.astype(int).tolist()
+
+    def state(self, next_batch: int) -> StreamRow:
+        """This slot's stream state before global batch ``next_batch``."""
+        streams = self.streams
+        return StreamRow(
+            next_batch, [s.epoch for s in streams], [s.position for s in streams], self.active.astype(int).tolist()
+        )
 
     def state_row(self, next_batch: int) -> list[int]:
-        """This slot's stream state as one flat row: ``[next_batch, epochs…, positions…, active…]``."""
-        return (
-            [next_batch]
-            + [s.epoch for s in self.streams]
-            + [s.position for s in self.streams]
-            + self.active.astype(int).tolist()
-        )
+        """This slot's stream state as one flat row: ``self.state(next_batch).pack()``, built directly (it
+        travels with every batch)."""
+        streams = self.streams
+        return [next_batch, *[s.epoch for s in streams], *[s.position for s in streams], *self._active_row]
 
     # -- iteration -------------------------------------------------------------------------------------------
     def __iter__(self) -> MixtureIterator:
@@ -249,21 +375,42 @@ class MixtureIterator:
             self.finished = True
             raise StopIteration from None
         self.local_batch += 1
-        batch = self.ds.collate_fn(samples)
+        try:
+            batch = self.ds.collate_fn(samples)
+        except Exception as err:
+            raise self._collate_error(b, samples, ids, err) from err
+        attach = self.ds.attach_state
         # NOTE: under MixtureLoader the ids travel as numpy and become a tensor in the main process: a torch
         # tensor sent from a worker gets its own shared-memory segment (~1 ms per batch for 64 ids).
-        domain = ids if self.ds.attach_state else torch.from_numpy(ids)
-        if isinstance(batch, Mapping):
+        domain = ids if attach else torch.from_numpy(ids)
+        if type(batch) is not list and isinstance(batch, Mapping):  # (the type test skips the slow ABC check)
             batch = dict(batch)
             if "domain" in batch or "mix_step" in batch:
                 raise ValueError("samples must not carry the keys 'domain' or 'mix_step': odm adds them")
+            batch["domain"] = domain
+            batch["mix_step"] = b
         else:
-            batch = {"data": batch}
-        batch["domain"] = domain
-        batch["mix_step"] = b
-        if self.ds.attach_state:
+            batch = {"data": batch, "domain": domain, "mix_step": b}
+        if attach:
             batch[STATE_KEY] = {"slot": self.slot, "row": self.state_row(b + 1)}
         return batch
+
+    def _collate_error(self, b: int, samples: list[Any], ids: np.ndarray, err: Exception) -> Exception:
+        """The collate error of batch ``b``, naming each domain in it and the structure of its first sample."""
+        names = self.ds.domains
+        firsts: dict[int, Any] = {}
+        for d, sample in zip(ids.tolist(), samples):
+            firsts.setdefault(d, sample)
+        described = "; ".join(f"{names[d]!r}: {_describe(x)}" for d, x in sorted(firsts.items()))
+        if len(firsts) > 1:
+            fix = "give every domain samples of the same structure and shape, or a `collate_fn` that pads"
+        else:
+            fix = "pass a `collate_fn` that handles these samples"
+        message = (
+            f"collating batch {b} failed ({type(err).__name__}: {err}); it mixes {len(firsts)} domain(s), the "
+            f"first sample of each: {described}; {fix}"
+        )
+        return type(err)(message) if _rebuildable(err) else RuntimeError(message)
 
     def _proportions(self, p: np.ndarray) -> np.ndarray:
         if self._num_active == len(p):
@@ -287,15 +434,31 @@ class MixtureIterator:
         self._bitgen.state = state
         return self._gen
 
+    def _lookup(self, b: int) -> tuple[np.ndarray, int]:
+        """The schedule row in force for batch ``b`` as ``(proportions, mode)``.
+
+        NOTE: the newest row applies to every later batch until the next publish, so while the row count is
+        unchanged a batch after one that found the newest row reuses it (one shared-memory read instead of a
+        scan and a copy). Rows are only appended, and an iterator never goes back.
+        """
+        schedule = self.ds.schedule
+        count = schedule.num_rows
+        if count == self._row_count:
+            return self._row
+        p, mode, i = schedule.lookup(b)
+        self._row = (p, mode)
+        self._row_count = count if i == count - 1 else -1
+        return self._row
+
     def _make(self, b: int) -> tuple[list[Any], np.ndarray]:
         if not self._num_active:
             raise _Exhausted
-        p, mode, _ = self.ds.schedule.lookup(b)
+        p, mode = self._lookup(b)
         gen = self._generator(b)
         bs = self.ds.batch_size
         q = self._proportions(p)
         if self.ds.granularity == "batch":
-            ids = np.full(bs, _draw(gen.random(1), q)[0], dtype=np.int64)
+            ids = np.full(bs, inverse_cdf(gen.random(1), q)[0], dtype=np.int64)
         elif mode == MODE_EXACT:
             counts = largest_remainder(q / q.sum(), bs)
             ids = gen.permutation(np.repeat(np.arange(len(q), dtype=np.int64), counts))
@@ -304,8 +467,7 @@ class MixtureIterator:
             key = (p.tobytes(), self._num_active)
             if key != self._cdf_key:
                 self._cdf_key, self._cdf = key, np.cumsum(q)
-            cdf = self._cdf
-            ids = np.searchsorted(cdf, gen.random(bs) * cdf[-1], side="right").astype(np.int64, copy=False)
+            ids = inverse_cdf(gen.random(bs), q, cdf=self._cdf)
         return self._fill(ids, gen, p)
 
     def _fill(self, ids: np.ndarray, gen: np.random.Generator, p: np.ndarray) -> tuple[list[Any], np.ndarray]:
@@ -314,25 +476,50 @@ class MixtureIterator:
         When every domain is spent mid-batch, the batch is returned short (no sample is lost); an empty batch
         ends the iteration.
         """
+        counts = np.bincount(ids, minlength=self.ds.num_domains).tolist()
+        # Fast path: every domain's items in domain order into one list, then scattered back to the drawn order.
+        flat: list[Any] = []
+        extend = flat.extend
+        streams = self.streams
+        for d, c in enumerate(counts):
+            if not c:
+                continue
+            # _DomainStream.extend, inlined: this loop runs K times per batch.
+            stream = streams[d]
+            it = stream._it if stream._it is not None else stream.iterator()
+            before = len(flat)
+            try:
+                extend(islice(it, c))
+            except Exception as err:
+                raise stream.error(err, stream.position + len(flat) - before) from err
+            got = len(flat) - before
+            stream.position += got
+            if got < c:
+                return self._fill_short(ids, gen, p, counts, flat, d)
+        n = len(ids)
+        if n != len(self._arange):
+            self._arange = np.arange(n)
+        order = np.argsort(ids, kind="stable")
+        inverse = np.empty_like(order)
+        inverse[order] = self._arange
+        got = itemgetter(*inverse.tolist())(flat)
+        return (list(got) if n > 1 else [got]), ids
+
+    def _fill_short(
+        self, ids: np.ndarray, gen: np.random.Generator, p: np.ndarray, counts: list[int], flat: list[Any], short: int
+    ) -> tuple[list[Any], np.ndarray]:
+        """The slow path of :meth:`_fill`: the pass of domain ``short`` ended inside this batch. ``flat`` holds,
+        in domain order, the items of the domains before it and then its items so far."""
         k = self.ds.num_domains
         per_domain: list[list[Any]] = [[] for _ in range(k)]
-        short = False
-        streams = self.streams
-        for d, c in enumerate(np.bincount(ids, minlength=k).tolist()):
-            if c:
-                got = per_domain[d] = streams[d].take(c)
-                if len(got) < c:  # the pass ended inside this batch
-                    self._take_more(d, got, c)
-                    short = short or len(got) < c
-        if not short:
-            # Fast path: concatenate in domain order, then scatter back to the drawn order.
-            flat = list(chain.from_iterable(per_domain))
-            order = np.argsort(ids, kind="stable")
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(len(order))
-            got_items = itemgetter(*inverse.tolist())(flat)
-            return (list(got_items) if len(ids) > 1 else [got_items]), ids
-        # Slow path (a domain dropped mid-batch): redraw the unfilled positions among the remaining domains.
+        at = 0
+        for d, c in enumerate(counts):
+            if not c:
+                continue
+            if d < short:  # read in full by the fast path
+                per_domain[d], at = flat[at : at + c], at + c
+            else:  # the domain whose pass ended (its items so far are the tail of `flat`), then the unread ones
+                per_domain[d] = self._take_more(d, flat[at:] if d == short else [], c)
         out: list[Any] = [None] * len(ids)
         missing: list[int] = []
         for d in range(k):
@@ -340,18 +527,19 @@ class MixtureIterator:
             for i, item in zip(where, per_domain[d]):
                 out[i] = item
             missing.extend(where[len(per_domain[d]) :])
+        # Redraw the unfilled positions among the remaining domains.
         while missing:
             if not self._num_active:
                 keep = np.ones(len(ids), dtype=bool)
                 keep[missing] = False
                 if not keep.any():
                     raise _Exhausted
-                return [x for x, k in zip(out, keep) if k], ids[keep]
+                return [x for x, kept in zip(out, keep) if kept], ids[keep]
             q = self._proportions(p)
             if self.ds.granularity == "batch":
-                new = np.full(len(missing), _draw(gen.random(1), q)[0])
+                new = np.full(len(missing), inverse_cdf(gen.random(1), q)[0])
             else:
-                new = _draw(gen.random(len(missing)), q)
+                new = inverse_cdf(gen.random(len(missing)), q)
             ids[missing] = new
             still: list[int] = []
             for d in np.unique(new):
@@ -367,18 +555,42 @@ class MixtureIterator:
         """Tops ``items`` up to ``n`` items of domain ``d``, crossing pass boundaries as ``exhausted`` says;
         fewer if the domain drops out. Returns ``items`` (extended in place)."""
         stream = self.streams[d]
-        items.extend(stream.take(n - len(items)))
+        stream.extend(items, n - len(items))
         while len(items) < n:  # the current pass of domain d has ended
+            if stream.next_in_plan():  # only an item of a resharding plan ended: its next one
+                stream.extend(items, n - len(items))
+                continue
             if self.ds.exhausted == "stop":
                 raise _Exhausted
-            if self.ds.exhausted == "restart" and stream.position == 0:
+            if self.ds.exhausted == "restart" and stream.position == 0 and stream.epoch >= 0:
                 raise ValueError(
                     f"domain {stream.name!r} has no samples in shard {stream.shard} of {stream.num_shards} "
                     "(rank x worker); give it more samples or use fewer workers or ranks"
                 )
             if self.ds.exhausted == "drop" or not stream.next_pass():
                 self.active[d] = False
+                self._active_row[d] = 0
                 self._num_active -= 1
                 return items
-            items.extend(stream.take(n - len(items)))
+            stream.extend(items, n - len(items))
         return items
+
+
+def _describe(sample: Any) -> str:
+    """A short description of a sample's structure: type, and shape or length per field."""
+    if isinstance(sample, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in list(sample.items())[:6]) + "}"
+    shape = getattr(sample, "shape", None)
+    if shape is not None:
+        return f"{type(sample).__name__} of shape {list(shape)}"
+    if isinstance(sample, list | tuple):
+        return f"{type(sample).__name__} of length {len(sample)}"
+    return type(sample).__name__
+
+
+def _rebuildable(err: Exception) -> bool:
+    """Whether ``type(err)(message)`` builds an exception of the same type (true of most built-in errors)."""
+    try:
+        return isinstance(type(err)("x"), type(err))
+    except Exception:
+        return False

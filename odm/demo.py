@@ -1,7 +1,7 @@
 """The built-in demo (``odm demo``): the same small model trained under each policy, side by side.
 
-Synthetic mode (the default when no corpus is around) trains a small MLP regressor on four domains of
-different learnability:
+The default (``make demo``, ``odm demo``) trains a small MLP regressor on four synthetic domains of different
+learnability, whatever corpus may be cached:
 
 * ``easy`` — a linear rule, learned in a few dozen steps;
 * ``medium`` — a smooth non-linear rule;
@@ -16,16 +16,18 @@ samples each domain received; the plot shows the proportions over steps. Seen on
 seed 0, ~15 s in all): noise share 0.69–0.77 for EXP3 / ODM-released / Skill-It against uniform's 0.25, and
 learnable loss 0.80–0.95 against uniform's 0.44; ADO 0.19 and 0.44.
 
-With ``--data DIR`` (or a corpus built by ``benchmarks/corpus.py`` in its default cache folder) the demo
-runs a short version of the real benchmark, ``benchmarks/quality.py``, instead (a source checkout is needed).
+``odm demo --real [--data DIR]`` runs a short version of the real benchmark instead: it starts
+``benchmarks/quality.py`` of the source checkout as a separate process (the installed library never runs
+benchmark code) on a corpus built by ``benchmarks/corpus.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +40,6 @@ import torch
 from torch import nn
 
 import odm
-from odm.policies import REFERENCE_LOSS
 
 __all__ = ["DOMAINS", "DemoRun", "compare", "demo_policies", "make_domains", "run_demo", "summary", "table", "train"]
 
@@ -161,14 +162,16 @@ def demo_policies() -> list[str]:
 
 def _build(label: str, reference: np.ndarray | None) -> odm.Policy:
     name, kwargs = DEMO_VARIANTS.get(label, (label, {}))
-    kwargs = dict(kwargs)
-    cls = odm.policies._REGISTRY[name]
-    key = next((p for p in inspect.signature(cls).parameters if "reference" in p), None)
-    if key is not None or REFERENCE_LOSS in cls.requires:
-        if key is None or reference is None:
-            raise TypeError("needs reference losses (from a `uniform` run in the same comparison)")
-        kwargs[key] = reference
-    return odm.policies.get_policy(name, **kwargs)
+    # A policy that measures excess loss against a reference run (DoReMi) gets uniform's final held-out loss.
+    try:
+        policy = odm.policies.get_policy(name, **kwargs)
+    except TypeError:
+        if reference is None:
+            raise TypeError("needs reference losses (from a `uniform` run in the same comparison)") from None
+        return odm.policies.get_policy(name, **kwargs, reference=reference)
+    if reference is not None and "reference" in inspect.signature(type(policy)).parameters:
+        policy = odm.policies.get_policy(name, **kwargs, reference=reference)
+    return policy
 
 
 def compare(
@@ -213,8 +216,17 @@ def compare(
     return runs, skipped
 
 
+TABLE_LEGEND = (
+    "loss/<domain>: final held-out MSE of that domain (noise cannot go below ~4: its targets are pure noise)\n"
+    "learnable:     mean of loss/easy, loss/medium, loss/hard — lower is better\n"
+    "p/<domain>:    share of all training samples drawn from that domain over the run (uniform: 0.25 each)\n"
+    "seconds:       wall time of the run (one seed; the runs share the machine, so only a rough guide)"
+)
+
+
 def table(runs: Sequence[DemoRun]) -> str:
-    """The comparison as fixed-width text: held-out loss per domain, learnable mean, shares, seconds."""
+    """The comparison as fixed-width text: held-out loss per domain, learnable mean, shares, seconds
+    (:data:`TABLE_LEGEND` explains the columns)."""
     width = max([len("policy"), *(len(r.policy) for r in runs)]) + 2
     head = f"{'policy':<{width}}" + "".join(f"{'loss/' + d:>12}" for d in DOMAINS) + f"{'learnable':>11}"
     head += "".join(f"{'p/' + d:>10}" for d in DOMAINS) + f"{'seconds':>9}"
@@ -252,53 +264,82 @@ def plot(runs: Sequence[DemoRun], path: Path) -> Path | None:
         return None
     cols = min(4, len(runs) + 1)
     rows = -(-(len(runs) + 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
-    colors = ["#4c72b0", "#55a868", "#dd8452", "#c44e52"]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
+    domain_colors = ["#4c72b0", "#55a868", "#dd8452", "#c44e52"]
     for ax, r in zip(axes.flat, runs, strict=False):
-        ax.stackplot(np.arange(len(r.proportions)), r.proportions.T, labels=DOMAINS, colors=colors, linewidth=0)
-        ax.set_title(r.policy, fontsize=9)
+        ax.stackplot(np.arange(len(r.proportions)), r.proportions.T, labels=DOMAINS, colors=domain_colors, lw=0)
+        ax.set_title(f"{r.policy}: proportions", fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_xlim(0, max(1, len(r.proportions) - 1))
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel("share of batch", fontsize=8)
     ax = axes.flat[len(runs)]
-    for r in runs:
-        ax.plot(*zip(*r.curve, strict=True), label=r.policy, color="k" if r.policy == "uniform" else None)
+    # One colour per policy (tab20 has 20 distinct ones; the default cycle repeats after 10).
+    policy_colors = plt.get_cmap("tab20")
+    for i, r in enumerate(runs):
+        color = "k" if r.policy == "uniform" else policy_colors(i % 20)
+        ax.plot(*zip(*r.curve, strict=True), label=r.policy, color=color, lw=2 if r.policy == "uniform" else 1)
     ax.set_title("held-out loss, learnable domains", fontsize=9)
+    ax.set_xlabel("training step", fontsize=8)
+    ax.set_ylabel("mean MSE (log scale)", fontsize=8)
     ax.set_yscale("log")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, ncol=2)
     for extra in axes.flat[len(runs) + 1 :]:
         extra.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(DOMAINS), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(DOMAINS), fontsize=8, title="domain")
+    fig.suptitle("odm demo: the same model under each mixing policy (synthetic domains; noise is unlearnable)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def _find_quality() -> Any:
-    """``benchmarks/quality.py`` of the source checkout this package runs from, or None."""
+def _quality_script() -> Path | None:
+    """``benchmarks/quality.py`` of the source checkout this package runs from (an editable install), or None."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("odm_benchmarks_quality", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return path if path.is_file() else None
 
 
-def run_real(data: Path, *, steps: int, seed: int, policies: Sequence[str] | None, out: Path) -> int:
-    """A short run of the real benchmark on ``data`` (one seed, the quick model)."""
-    quality = _find_quality()
-    if quality is None:
-        print("the real-corpus demo runs benchmarks/quality.py from a source checkout of odm; none found")
+REAL_POLICIES = ["uniform", "odm", "exp3s", "ado", "doremi", "aioli"]
+
+
+def run_real(
+    data: Path, *, steps: int, seed: int, policies: Sequence[str] | None, out: Path, plot_path: Path | None
+) -> int:
+    """A short run of the real benchmark on ``data`` (one seed, the quick model) in a separate process."""
+    script = _quality_script()
+    if script is None:
+        print(
+            "odm demo --real runs the benchmark of a source checkout (benchmarks/quality.py), which an installed "
+            "package does not ship:\n  git clone <the odm repository> && cd odm && pip install -e '.[bench]' && "
+            "odm demo --real\n(`odm demo` without --real needs nothing more)"
+        )
         return 1
-    if policies is None:
-        wanted = ["uniform", "odm-paper", "odm-released", "aioli", "ado", "doremi"]
-        policies = [w for w in wanted if any(w in (s.label, s.name) for s in quality.discover(None))]
-    quality.run(data, quick=True, policies=policies, seeds=[seed], steps=steps, out=out, tag="demo")
+    if not (data / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"no corpus in {data} (no manifest.json): build one with `python {script.parent / 'corpus.py'} "
+            "--max-mb 5` (~20 s), or pass --data DIR"
+        )
+    policies = list(policies) if policies is not None else REAL_POLICIES
+    print(
+        f"odm demo --real: benchmarks/quality.py --quick on {data}, {steps} steps x {len(policies)} policies, "
+        f"seed {seed}\n  expected time: ~{max(1, round(len(policies) * steps / 45))} min on 2 CPU cores "
+        "(progress below)\n",
+        flush=True,
+    )
+    cmd = [sys.executable, str(script), "--data", str(data), "--quick", "--steps", str(steps)]
+    cmd += ["--seeds", "1", "--first-seed", str(seed), "--out", str(out), "--tag", "demo", "--policies", *policies]
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0:
+        return done.returncode
+    if plot_path is not None:
+        made = sorted(out.glob("quality-demo-*-proportions.png"), key=lambda p: p.stat().st_mtime)
+        if made:
+            plot_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(made[-1], plot_path)
+            print(f"\nplot: {plot_path}")
     return 0
 
 
@@ -308,16 +349,16 @@ def run_demo(
     seed: int = 0,
     policies: Sequence[str] | None = None,
     data: Path | None = None,
-    synthetic: bool = False,
+    real: bool = False,
     plot_path: Path | None = None,
 ) -> int:
-    """The ``odm demo`` command: synthetic comparison, or a short real-corpus run when a corpus is found."""
-    if data is None and not synthetic and (CORPUS_CACHE / "manifest.json").is_file():
-        data = CORPUS_CACHE
-        print(f"found a built corpus in {data} (use --synthetic for the built-in task)")
+    """The ``odm demo`` command: the synthetic comparison, or (``real=True`` or a ``data`` folder) a short
+    real-corpus run of the benchmark."""
     out = Path(tempfile.gettempdir()) / "odm-demo"
-    if data is not None:
-        return run_real(data, steps=steps or 150, seed=seed, policies=policies, out=out)
+    if real or data is not None:
+        return run_real(
+            data or CORPUS_CACHE, steps=steps or 150, seed=seed, policies=policies, out=out, plot_path=plot_path
+        )
     steps = steps or 600
     print(
         f"odm demo: a small MLP, {steps} steps of batch 32 per policy, domains {list(DOMAINS)}\n"
@@ -325,6 +366,8 @@ def run_demo(
     )
     runs, skipped = compare(policies, steps=steps, seed=seed)
     print(table(runs))
+    print()
+    print(TABLE_LEGEND)
     print()
     print(summary(runs))
     for name, reason in skipped.items():

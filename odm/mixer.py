@@ -3,22 +3,36 @@
     mixer.observe(batch, per_sample_loss)   # any number of times per step; stays on the loss's device
     mixer.step()                            # one host transfer (and one all_reduce under DDP), then update
 
-Feedback is per-domain sums, accumulated where the loss lives by :class:`odm.feedback.DomainFeedback`, and
-moved through one ``all_reduce(SUM)`` and one host transfer per update. Every rank then feeds the policy
-identical numbers, so the proportions agree bit for bit without a broadcast.
+Feedback is per-domain sums, accumulated where the loss lives by :class:`odm.feedback.DomainFeedback`. Every
+:meth:`OnlineMixer.step` moves it through one ``all_reduce(SUM)`` and one host transfer, so the statistics
+pending between two policy updates are already the sum over the ranks on every rank: every rank feeds the
+policy identical numbers (the proportions agree bit for bit without a broadcast), and a checkpoint written by
+one rank alone resumes all of them.
+
+"Step" means four different things around a mixer; each has its own name here:
+
+* ``mix_step`` — the global index of a batch (:class:`odm.MixtureLoader` tags each batch with it); the
+  schedule is indexed by it, and a published row applies from a ``mix_step`` on.
+* ``num_steps`` — the calls of :meth:`OnlineMixer.step` that ended a training step (that carried feedback).
+  ``update_every`` counts these, and :meth:`OnlineMixer.export_schedule` is keyed by them.
+* the update index ``t`` — the policy's own counter (``num_updates``; ``DomainStats.step``).
+* a framework's global step (Lightning's ``trainer.global_step``, optimizer steps); the mixer never reads it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from odm._checks import check_domain_names
+from odm._checks import check_choice, check_domain_names, check_int, check_seed
 from odm._draw import largest_remainder
+from odm._state import StateError
+from odm.agreement import check_agreement, policy_config
+from odm.collective import StepCollective
 from odm.feedback import (
     COUNT,
     DRAWN,
@@ -26,32 +40,24 @@ from odm.feedback import (
     EVAL_SUM,
     LOSS,
     NONFINITE,
-    NUM_ROWS,
     SAMPLES,
     DomainFeedback,
-    all_reduce_host,
-    distributed,
+    FeedbackRows,
+    flatten_tokens,
 )
-from odm.policies import EVAL_LOSS, DomainStats, Policy, check_proportions, get_policy
+from odm.history import History
+from odm.mixer_state import STATE_VERSION, check_state
+from odm.policies import EVAL_LOSS, DomainStats, Policy, get_policy
 from odm.policies.constraints import Constraints
-from odm.schedule import MODE_EXACT, MODE_SAMPLE, ProportionSchedule
+from odm.remap import remap_mixer_state
+from odm.schedule import MODE_EXACT, MODE_SAMPLE, ProportionSchedule, check_simplex
 
 __all__ = ["OnlineMixer"]
 
-_STATE_VERSION = 1
-
-
-def _domain_diff(saved: list[str], mine: list[str]) -> str:
-    missing = [d for d in saved if d not in mine]
-    extra = [d for d in mine if d not in saved]
-    parts = []
-    if missing:
-        parts.append(f"the checkpoint has {missing} which this run lacks")
-    if extra:
-        parts.append(f"this run has {extra} which the checkpoint lacks")
-    if not parts:
-        parts.append(f"same names in another order: checkpoint {saved}, this run {mine}")
-    return "; ".join(parts)
+#: Updates a held-out policy may ask for an evaluation and get none before the mixer warns.
+EVAL_PATIENCE = 3
+#: Updates without any evaluation after which a policy that requires them is warned about.
+EVAL_PATIENCE_UPDATES = 100
 
 
 class OnlineMixer:
@@ -74,18 +80,20 @@ class OnlineMixer:
             :meth:`set_proportions`' — is the Euclidean projection of the raw vector onto the simplex restricted
             by these bounds; the policy never sees them, its importance weights use the published proportions.
         history_every: record the policy's publishes in :attr:`history` only at every N-th update (overrides
-            and releases are always recorded); ``None`` records none. The default 1 keeps every change, so
-            :meth:`export_schedule` replays the run exactly; it costs ``K`` floats per update in memory and in
-            every checkpoint (K = 22 over 10⁶ updates: ~180 MB), so long runs set e.g. ``history_every=100``
-            (the replay then holds each recorded vector until the next).
+            and releases are always recorded); ``None`` records none. The history is bounded whatever the run
+            length (see :class:`odm.history.History`).
+        process_group: the data-parallel group the statistics are reduced over (default: the world). Ranks of
+            one model-parallel group see the same batches and must not be counted twice.
 
     Attributes:
         policy: the bound policy.
         schedule: the shared :class:`~odm.schedule.ProportionSchedule` the data pipeline reads.
-        history: ``[(step, proportions), …]`` of the publishes that changed the proportions (see
-            ``history_every``); saved in :meth:`state_dict`.
+        history: the publishes ``(num_steps, proportions)`` that changed the proportions, bounded (recent ones
+            exact, older ones thinned); saved in :meth:`state_dict`.
+        agreement_fields: extra settings every rank must share (the loader adds its own); compared by
+            :meth:`check_agreement`.
 
-    Under ``torch.distributed`` every rank must call :meth:`step` (each update is one collective).
+    Under ``torch.distributed`` every rank must call :meth:`step` (each call is one collective).
 
     Example:
         >>> mixer = OnlineMixer(["web", "code"], policy="uniform")
@@ -110,34 +118,45 @@ class OnlineMixer:
         frozen: Any = None,
         constraints: Any = None,
         history_every: int | None = 1,
+        process_group: Any = None,
     ) -> None:
         self.domains = check_domain_names(domains)
+        self.delay = check_int(delay, "delay", low=0)
+        self.update_every = check_int(update_every, "update_every", low=1)
+        self.history_every = check_int(history_every, "history_every", low=1, allow_none=True)
+        self.seed = check_seed(seed)
         self.policy = get_policy(policy).bind(len(self.domains))
-        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
-            raise ValueError(f"`delay` must be a non-negative integer, got {delay!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"`update_every` must be an integer >= 1, got {update_every!r}")
-        if history_every is not None and (
-            isinstance(history_every, bool) or not isinstance(history_every, int) or history_every < 1
-        ):
-            raise ValueError(f"`history_every` must be an integer >= 1 or None, got {history_every!r}")
-        self.delay = delay
-        self.update_every = update_every
-        self.history_every = history_every
-        self.seed = seed
+        # In updates: a row published after batch b applies from batch b + 1 + delay, which falls in the
+        # (delay // update_every + 1)-th update after this one (one batch per step).
+        # In updates, rounded up: an update that mixes batches drawn before and after a publish counts as old.
+        self.policy.set_publish_delay(-(-self.delay // self.update_every))
+        self.process_group = process_group
         self.constraints = self._build_constraints(floors, ceilings, frozen, constraints)
+        k = len(self.domains)
         p0 = self._constrain(self.policy.proportions)
-        self.schedule = ProportionSchedule(len(self.domains), initial=p0)
-        self._rng = np.random.default_rng(seed)
+        self.schedule = ProportionSchedule(k, initial=p0)
+        self._rng = np.random.default_rng(self.seed)
         self._override: np.ndarray | None = None
-        self._step = 0  # step() calls
-        self._num_updates = 0  # policy updates
-        self._num_samples = 0  # samples observed over the run
-        self._next_batch = 0  # one past the newest batch index observed
+        self._num_steps = 0
+        self._num_updates = 0
+        self._num_samples = 0  # samples observed over the run (all ranks)
+        self._next_batch = 0  # one past the newest mix_step observed on any rank before the last step()
+        self._local_next = 0  # the same, on this rank, including observations since the last step()
+        self._cut_batch: int | None = None
+        self._served: int | None = None
+        self._pending: np.ndarray | None = None  # packed FeedbackRows of the steps since the last update
+        self._evals_missed = 0  # updates the policy asked an evaluation for and got none (since the last one)
+        self._updates_without_eval = 0
         self._warned: set[tuple[str, int]] = set()
-        self._published = p0  # the newest published vector as given to the schedule
-        self.history: list[tuple[int, np.ndarray]] = [(0, self.schedule.latest()[2])]
-        self._feedback = DomainFeedback(len(self.domains))
+        self._published = p0.tobytes()  # the newest published vector as given to the schedule
+        self._published_mode = self.schedule.latest().mode
+        self._latest = self.schedule.latest().proportions  # the newest row's proportions, as stored
+        self.history = History(k)
+        self.history.append(0, self.schedule.latest().proportions)
+        self._feedback = DomainFeedback(k)
+        self._collective = StepCollective(process_group)
+        self.agreement_fields: dict[str, Any] = {}
+        self._agreed = False
 
     # -- constraints -----------------------------------------------------------------------------------------
     def _build_constraints(self, floors: Any, ceilings: Any, frozen: Any, constraints: Any) -> Any:
@@ -167,45 +186,76 @@ class OnlineMixer:
         return len(self.domains)
 
     @property
+    def num_steps(self) -> int:
+        """Calls of :meth:`step` that ended a training step (carried feedback)."""
+        return self._num_steps
+
+    @property
+    def num_updates(self) -> int:
+        """Policy updates so far (the update index of the last one)."""
+        return self._num_updates
+
+    @property
     def proportions(self) -> np.ndarray:
         """The newest published proportions (float64, sums to 1)."""
-        return self.schedule.latest()[2]
+        return self.schedule.latest().proportions
 
     def _effective_from(self) -> int:
-        return max(self._next_batch, self._step) + self.delay
+        # The batch clock: one past the newest mix_step stepped on (any rank); a mixer never given a mix_step
+        # counts its steps instead. A step() without feedback moves neither, so the publish point never drifts.
+        # (Observed batches count before their step(): an override set between observe() and step() applies
+        # after them, as the uninterrupted run's would.)
+        clock = max(self._next_batch, self._local_next)
+        return (clock if clock else self._num_steps) + self.delay
 
-    def _publish(self, p: np.ndarray, *, from_policy: bool = False) -> int:
-        """Publishes ``p`` (constrained) unless it repeats the newest row; returns the batch it applies from."""
-        p = self._constrain(p)
-        last, last_mode, _ = self.schedule.latest()
-        mode = MODE_EXACT if (self._override is None and self.policy.exact_counts) else MODE_SAMPLE
-        # Compared with the newest entry as given (the schedule renormalises, which may move the last bit).
-        if mode == last_mode and np.array_equal(p, self._published):
-            return last
-        effective_from = max(self._effective_from(), last)
-        self.schedule.publish(p, effective_from=effective_from, mode=mode)
-        self._published = p.copy()
+    def _mode(self) -> int:
+        return MODE_EXACT if (self._override is None and self.policy.exact_counts) else MODE_SAMPLE
+
+    def _repeats(self, p: np.ndarray) -> bool:
+        """Whether publishing ``p`` would repeat the newest row (compared as given: the schedule renormalises,
+        which may move the last bit)."""
+        return p.tobytes() == self._published and self._mode() == self._published_mode
+
+    def _publish(self, p: np.ndarray, *, from_policy: bool = False, q: np.ndarray | None = None) -> int:
+        """Publishes ``p`` (already constrained) unless it repeats the newest row; returns the batch it applies
+        from. ``q``: ``p`` already checked and normalised; else it is checked here, before anything changes."""
+        mode = self._mode()
+        key = p.tobytes()
+        if key == self._published and mode == self._published_mode:
+            return self.schedule.latest_effective_from()
+        if q is None:
+            q = check_simplex(p, self.num_domains, name="published proportions")
+        effective_from = max(self._effective_from(), self.schedule.latest_effective_from())
+        self.schedule.append(q, effective_from, mode)
+        self._published, self._published_mode, self._latest = key, mode, q
         every = self.history_every
         if not from_policy or (every is not None and self._num_updates % every == 0):
-            self.history.append((self._step, self.schedule.latest()[2]))  # as stored (the schedule renormalises)
+            self.history.append(self._num_steps, q)
         return effective_from
 
     def set_proportions(self, proportions: Any) -> int:
         """Publishes ``proportions`` now and holds them (the policy keeps learning) until :meth:`release`.
 
         Returns:
-            The global batch index from which the new proportions apply.
+            The ``mix_step`` from which the new proportions apply.
 
         Raises:
             ValueError: negative, NaN, all-zero proportions or the wrong length.
         """
-        self._override = self._constrain(check_proportions(proportions, self.num_domains))
-        return self._publish(self._override)
+        p = check_simplex(proportions, self.num_domains)
+        if self.constraints is not None:
+            p = check_simplex(self._constrain(p), self.num_domains, name="constrained proportions")
+        previous, self._override = self._override, p
+        try:
+            return self._publish(p, q=p)
+        except ValueError:
+            self._override = previous
+            raise
 
     def release(self) -> int:
         """Ends a :meth:`set_proportions` override: the policy's proportions are published again."""
         self._override = None
-        return self._publish(self.policy.proportions)
+        return self._publish(self._constrain(self.policy.proportions))
 
     def sample(self, n: int, *, generator: np.random.Generator | None = None) -> np.ndarray:
         """Draws ``n`` domain ids from the current proportions (the standalone sampler).
@@ -216,54 +266,93 @@ class OnlineMixer:
         Raises:
             ValueError: if ``n`` is negative.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"`n` must be a non-negative integer, got {n!r}")
+        n = check_int(n, "n", low=0)
         gen = self._rng if generator is None else generator
-        _, mode, p = self.schedule.latest()
+        p, mode, _ = self.schedule.latest()
         if mode == MODE_EXACT:
             return gen.permutation(np.repeat(np.arange(self.num_domains), largest_remainder(p, n)))
         cdf = np.cumsum(p)
         return np.searchsorted(cdf, gen.random(n) * cdf[-1], side="right").astype(np.int64)
 
     # -- feedback --------------------------------------------------------------------------------------------
+    def note_served(self, mix_step: int) -> None:
+        """Tells the mixer the newest batch handed to the training loop (the loader calls it per batch).
+
+        :meth:`observe` then refuses a ``mix_step`` beyond it: feedback for a batch nobody drew.
+        """
+        self._served = check_int(mix_step, "mix_step", low=0)
+
+    def _check_mix_step(self, mix_step: Any) -> int:
+        if isinstance(mix_step, torch.Tensor) and mix_step.numel() == 1 and not mix_step.is_floating_point():
+            mix_step = mix_step.item()  # a collated batch's index
+        b = check_int(mix_step, "mix_step", low=0)
+        if self._served is not None and b > self._served:
+            raise ValueError(
+                f"`mix_step`={b} names a batch the loader has not served (the newest batch served is "
+                f"{self._served}); pass each batch's own 'mix_step' (or the batch itself) to observe()"
+            )
+        oldest = self.schedule.oldest_batch()
+        if b < oldest:
+            raise ValueError(
+                f"`mix_step`={b} names a batch whose proportions row has left the schedule ring (the rows kept "
+                f"apply from batch {oldest} on), so its importance weight is unknown; observe each batch before "
+                "many publishes pass"
+            )
+        return b
+
     def observe(self, domain: Any, loss: Any, *, weight: Any = None, mix_step: int | None = None) -> None:
-        """Accumulates per-domain loss sums and counts for the next update; no host transfer.
+        """Accumulates per-domain loss sums and counts for the next step; no host transfer.
 
         Args:
             domain: per-sample domain ids (``LongTensor[B]``, numpy, list), one id for a one-domain batch,
-                or the batch itself (a mapping with ``"domain"`` and ``"mix_step"``).
-            loss: per-sample losses ``[B]``, or a scalar loss when every sample is of one domain.
-            weight: optional per-sample weights (e.g. token counts when sequences are packed); the loss sum
-                of a domain is then ``Σ w·loss`` and its count ``Σ w``.
+                or the batch itself (a mapping with ``"domain"`` and ``"mix_step"``). A batch of packed
+                sequences carries ``"token_domain"`` (``[B, T]``, -1 at padding) instead: ``loss`` is then the
+                per-token losses ``[B, T]``, and each token's loss is credited to its own domain.
+            loss: per-sample losses ``[B]`` (per-token ``[B, T]`` for packed batches), or a scalar loss when
+                every sample is of one domain.
+            weight: optional per-sample weights (e.g. token counts); the loss sum of a domain is then
+                ``Σ w·loss`` and its count ``Σ w``. For packed batches: ``[B, T]``, or ``[B]`` per sequence.
             mix_step: the batch index the batch was drawn at (taken from the batch when it is a mapping); the
                 update's importance weights use the proportions in force for it.
 
-        Non-finite losses are skipped (with one warning per domain at the next :meth:`step`) and never reach
-        the policy. Ids and weights that already live on an accelerator are checked at :meth:`step` (where the
+        Non-finite losses are skipped (with one warning per domain at the next update) and never reach the
+        policy. Ids and weights that already live on an accelerator are checked at :meth:`step` (where the
         host transfer happens anyway) instead of here, so observing never synchronises with the device.
 
         Raises:
-            ValueError: domain ids out of range, negative or non-finite weights, or shapes that do not match.
+            ValueError: domain ids out of range, negative or non-finite weights, shapes that do not match,
+                losses on the ``meta`` device, or a ``mix_step`` that is negative, beyond the newest batch the
+                loader served, or older than the schedule still holds.
             TypeError: domain ids that are not integers.
         """
-        if isinstance(domain, Mapping):
-            if "domain" not in domain:
-                raise ValueError("a batch passed to observe() needs a 'domain' entry (odm batches carry one)")
-            if mix_step is None and "mix_step" in domain:
-                mix_step = int(domain["mix_step"])
-            domain = domain["domain"]
-        num = self._feedback.observe(domain, loss, weight)
-        if mix_step is not None:
-            b = int(mix_step)
+        pad_id = None
+        if not isinstance(domain, torch.Tensor) and isinstance(domain, Mapping):
+            batch = domain
+            if mix_step is None and "mix_step" in batch:
+                mix_step = batch["mix_step"]
+            if "token_domain" in batch:
+                domain, pad_id = batch["token_domain"], -1
+                loss, weight = flatten_tokens(domain, loss, weight)
+            elif "domain" in batch:
+                domain = batch["domain"]
+            else:
+                raise ValueError(
+                    "a batch passed to observe() needs a 'domain' entry (odm batches carry one), or "
+                    "'token_domain' for packed sequences"
+                )
+        b = None if mix_step is None else self._check_mix_step(mix_step)
+        num = self._feedback.observe(domain, loss, weight, pad_id=pad_id)
+        if b is not None:
             self._feedback.add_batch(b, num)
-            self._next_batch = max(self._next_batch, b + 1)
+            if b >= self._local_next:
+                self._local_next = b + 1
 
     def wants_eval(self) -> bool:
         """Whether the next :meth:`step` updates a policy that wants per-domain held-out losses for it.
 
         When True, evaluate and pass the per-domain sums and counts to :meth:`observe_eval` before that step.
         """
-        if (self._step + 1) % self.update_every:
+        if (self._num_steps + 1) % self.update_every:
             return False
         return bool(self.policy.wants_eval(self._num_updates + 1))
 
@@ -285,139 +374,270 @@ class OnlineMixer:
                 self._warned.add((kind, int(d)))
                 warnings.warn(
                     f"odm: skipped {int(counts[d])} non-finite {what} of domain {self.domains[d]!r} at step "
-                    f"{self._step}; they do not reach the policy (warned once per domain)",
+                    f"{self._num_steps}; they do not reach the policy (warned once per domain)",
                     RuntimeWarning,
                     stacklevel=3,
                 )
 
-    def step(self) -> None:
-        """Ends a training step: every ``update_every`` steps, reduce the statistics, update, publish.
+    def _warn(self, kind: str, message: str) -> None:
+        if (kind, -1) not in self._warned:
+            self._warned.add((kind, -1))
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -- the checkpoint protocol -----------------------------------------------------------------------------
+    def register_payload(self, key: str, local_fn: Callable[[int], np.ndarray], length: int) -> None:
+        """Adds ``length`` numbers of each rank to every :meth:`step`'s collective.
+
+        At each step, ``local_fn(cut)`` is called with this rank's newest ``mix_step`` observed before that
+        step (-1 if none) and must return ``length`` numbers (integers below 2**53 travel exactly). After the
+        step, :meth:`gathered` holds every rank's numbers. This is how the loader's stream positions at the cut
+        reach every rank without a collective in ``state_dict()``.
 
         Raises:
-            ValueError: if ids or weights observed on an accelerator since the last update were invalid.
+            ValueError: an empty key, a key already registered, or a negative length.
         """
-        self._step += 1
-        if self._step % self.update_every:
-            return
-        k = self.num_domains
-        flat = self._feedback.reduce(lambda b: self.schedule.lookup(b)[0])
-        self._feedback.reset()
-        rows = flat[: NUM_ROWS * k].reshape(NUM_ROWS, k)
-        bad_ids, bad_weights = flat[NUM_ROWS * k :]
+        self._collective.register(key, local_fn, length)
+
+    def gathered(self, key: str) -> np.ndarray | None:
+        """Every rank's payload ``key`` as of the last :meth:`step`: ``(world, length)`` float64 (world: the
+        ranks of ``process_group``), or ``None`` before the first step since it was registered.
+
+        Raises:
+            KeyError: ``key`` was never registered.
+        """
+        return self._collective.get(key)
+
+    @property
+    def cut_batch(self) -> int | None:
+        """The newest ``mix_step`` this rank observed before the last :meth:`step` (``None`` if none)."""
+        return self._cut_batch
+
+    def agreement(self) -> dict[str, Any]:
+        """The settings every rank must share: the mixer's, then :attr:`agreement_fields`."""
+        return {
+            **self.agreement_fields,
+            "domains": self.domains,
+            "num_domains": self.num_domains,
+            "policy": policy_config(self.policy),
+            "update_every": self.update_every,
+            "delay": self.delay,
+        }
+
+    def check_agreement(self) -> None:
+        """Compares :meth:`agreement` across the ranks (one ``all_gather_object`` over the world).
+
+        Runs by itself at the first :meth:`step` if no one called it before (the loader calls it at its first
+        ``iter()``). A no-op outside ``torch.distributed``.
+
+        Raises:
+            ValueError: on every rank, naming each setting that differs and each rank's value.
+        """
+        check_agreement(self.agreement())
+        self._agreed = True
+
+    def _drawn_under(self, b: int) -> np.ndarray:
+        try:
+            return self.schedule.lookup(b).proportions
+        except RuntimeError:
+            # NOTE: checked at observe(); only a flood of publishes since then gets here. Raising before the
+            # collective would leave the other ranks waiting, so weigh it with the oldest row kept instead.
+            return self.schedule.rows()[0].proportions
+
+    def step(self) -> None:
+        """Ends a training step: reduces its statistics (one collective under DDP); every ``update_every``-th
+        step with feedback also updates the policy and publishes.
+
+        A step without any :meth:`observe` / :meth:`observe_eval` since the previous one (on any rank) changes
+        nothing but the loader's payloads, and warns once. A step that raises changes nothing.
+
+        Raises:
+            ValueError: if ids or weights observed on an accelerator since the last step were invalid (this
+                step's feedback is then dropped), or if the ranks' settings disagree (first step only).
+        """
+        if not self._agreed:
+            self.check_agreement()
+        cut = self._local_next - 1
+        step_rows, next_batch, gathered = self._collective.reduce(
+            self._feedback, self._drawn_under, self._local_next, cut
+        )
+        bad_ids, bad_weights, calls, _ = FeedbackRows.scalars(step_rows)
         if bad_ids or bad_weights:
+            self._feedback.reset()
             raise ValueError(
-                f"observe() got {int(bad_ids)} domain id(s) outside [0, {k - 1}] and {int(bad_weights)} negative "
-                "or non-finite weight(s) since the last update (checked at step() because they were on an "
-                "accelerator); these samples were left out"
+                f"observe() got {int(bad_ids)} domain id(s) outside [0, {self.num_domains - 1}] and "
+                f"{int(bad_weights)} negative or non-finite weight(s) since the last step (checked at step() "
+                "because they were on an accelerator); this step's feedback was dropped"
             )
-        if rows[NONFINITE].any():
-            self._warn_once("loss", rows[NONFINITE] > 0, rows[NONFINITE], "loss value(s)")
-        counts = rows[COUNT]
+        if not calls:
+            self._collective.gathered.update(gathered)
+            self._warn(
+                "idle",
+                "odm: step() was called with no observe() since the previous step(); it changed nothing. Call "
+                "mixer.step() once per training step (if a callback already does, do not call it yourself)",
+            )
+            return
+        num_steps = self._num_steps + 1
+        pending = step_rows if self._pending is None else self._pending + step_rows
+        update_now = num_steps % self.update_every == 0
+        stats = self._update(pending) if update_now else None  # the policy moves; nothing else yet
+        p = q = None
+        if stats is not None and self._override is None:
+            p = self._constrain(self.policy.proportions)
+            if self._repeats(p):
+                p = None  # nothing to publish
+            else:
+                q = check_simplex(p, self.num_domains, name=f"{type(self.policy).__name__}'s proportions")
+        # Commit: nothing below raises.
+        self._feedback.reset()
+        if gathered:
+            self._collective.gathered.update(gathered)
+        if next_batch > self._next_batch:
+            self._next_batch = next_batch
+        if cut >= 0:
+            self._cut_batch = cut
+        self._num_steps = num_steps
+        self._pending = None if update_now else pending
+        if stats is not None:
+            self._num_updates, self._num_samples = stats.step, stats.num_samples
+            if p is not None:
+                self._publish(p, from_policy=True, q=q)
+
+    def _update(self, pending: np.ndarray) -> DomainStats | None:
+        """Feeds the policy the statistics since the last update; returns them (``None``: no update)."""
+        k = self.num_domains
+        rows = FeedbackRows.domain_rows(pending, k)  # only the rows needed are taken (views)
         eval_loss = None
-        eval_count = rows[EVAL_COUNT]
-        if eval_count.any():
-            with np.errstate(invalid="ignore", divide="ignore"):
-                eval_loss = np.where(eval_count > 0, rows[EVAL_SUM] / eval_count, np.nan)
-            bad = (eval_count > 0) & ~np.isfinite(eval_loss)
-            if bad.any():
-                self._warn_once("eval", bad, eval_count, "held-out loss sum(s) over this many samples")
-                eval_loss[bad] = np.nan
-        if counts.sum() <= 0 and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
-            return  # nothing usable observed: the policy stays as it was
-        total = rows[DRAWN].sum()
-        drawn = rows[DRAWN] / total if total > 0 else self.proportions
-        self._num_updates += 1
-        self._num_samples += round(rows[SAMPLES].sum())
+        if rows[NONFINITE : EVAL_COUNT + 1].any():  # non-finite or held-out losses (one check for the usual none)
+            nonfinite, eval_sum, eval_count = rows[NONFINITE], rows[EVAL_SUM], rows[EVAL_COUNT]
+            if nonfinite.any():
+                self._warn_once("loss", nonfinite > 0, nonfinite, "loss value(s)")
+            if eval_count.any():
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    eval_loss = np.where(eval_count > 0, eval_sum / eval_count, np.nan)
+                bad = (eval_count > 0) & ~np.isfinite(eval_loss)
+                if bad.any():
+                    self._warn_once("eval", bad, eval_count, "held-out loss sum(s) over this many samples")
+                    eval_loss[bad] = np.nan
+        self._track_evals(eval_loss is not None)
+        count = rows[COUNT]
+        if not count.any() and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
+            return None  # nothing usable observed: the policy stays as it was
+        drawn = rows[DRAWN]
+        total = np.add.reduce(drawn)
+        # NOTE: views of `pending`, a fresh array no one else keeps once this update is committed.
         stats = DomainStats(
-            loss_sum=rows[LOSS],  # views of a buffer no one else holds (the accumulators were replaced)
-            count=counts,
-            proportions=drawn,
-            step=self._num_updates,
-            num_samples=self._num_samples,
+            loss_sum=rows[LOSS],
+            count=count,
+            proportions=drawn / total if total > 0 else self._latest.copy(),
+            step=self._num_updates + 1,
+            num_samples=self._num_samples + round(float(np.add.reduce(rows[SAMPLES]))),
             eval_loss=eval_loss,
+            num_batches=max(1, round(FeedbackRows.scalars(pending)[3])),
         )
         self.policy.update(stats)
-        if self._override is None:
-            self._publish(self.policy.proportions, from_policy=True)
+        return stats
+
+    def _track_evals(self, got_eval: bool) -> None:
+        """Warns once when a held-out policy goes without evaluations: it asked for :data:`EVAL_PATIENCE` and
+        got none, or (one that never asks) it requires them and none came for :data:`EVAL_PATIENCE_UPDATES`."""
+        policy = self.policy
+        if got_eval:
+            self._evals_missed = self._updates_without_eval = 0
+            return
+        asks = type(policy).wants_eval is not Policy.wants_eval
+        if asks and policy.wants_eval(self._num_updates + 1):
+            self._evals_missed += 1
+        elif not asks and EVAL_LOSS in policy.requires:
+            self._updates_without_eval += 1
+        if self._evals_missed >= EVAL_PATIENCE:
+            what = f"asked for held-out losses at {self._evals_missed} updates and got none"
+        elif self._updates_without_eval >= EVAL_PATIENCE_UPDATES:
+            what = f"got no held-out losses for {self._updates_without_eval} updates"
+        else:
+            return
+        self._warn(
+            "no-eval",
+            f"odm: {type(policy).__name__} learns from held-out losses but {what}, so it cannot move as it "
+            "should; pass them with mixer.observe_eval(loss_sum, count) before step() whenever "
+            "mixer.wants_eval() is True, or give the Lightning callback `eval_loaders` (warned once)",
+        )
 
     # -- export and state ------------------------------------------------------------------------------------
     def export_schedule(self) -> list[tuple[int, list[float]]]:
-        """The trajectory ``[(step, proportions), …]`` of every publish, for ``odm.policies.Scheduled``.
+        """The trajectory ``[(num_steps, proportions), …]`` of the publishes, for ``odm.policies.Scheduled``.
 
         A publish that repeats the newest proportions is not recorded, so each entry holds from its step until
-        the next entry's step.
+        the next entry's. The newest 1024 entries are exact; older ones are thinned (see :attr:`history`).
         """
-        return [(s, p.tolist()) for s, p in self.history]
+        return self.history.export()
 
     def state_dict(self) -> dict[str, Any]:
-        """Policy, schedule, counters, generator, history and pending statistics as a plain versioned dict.
+        """Policy, schedule, counters, generator, history and the statistics since the last update.
 
-        A checkpoint taken between two updates (``update_every > 1``) keeps the statistics observed since the
-        last update, so the resumed run's next update is the uninterrupted run's. Under ``torch.distributed``
-        those are summed over the ranks, which makes this call a collective *between updates* (when the number
-        of :meth:`step` calls is not a multiple of ``update_every``): call it on every rank then, as
-        :meth:`odm.MixtureLoader.state_dict` always requires.
+        Never a collective: the statistics pending between two updates were summed over the ranks at each
+        :meth:`step`, so they are the same on every rank, and one rank's state resumes all of them. What was
+        observed after the last :meth:`step` is not saved — those batches are after the cut and are replayed.
         """
-        pending = None
-        between = self._step % self.update_every != 0
-        if between or (self._feedback.pending and not distributed()):
-            pending = self._feedback.local(lambda b: self.schedule.lookup(b)[0])
-            if between and distributed():
-                pending = all_reduce_host(pending)
-        elif self._feedback.pending:
-            warnings.warn(
-                "odm: state_dict() called under torch.distributed after observe() but before the step() that "
-                "updates; those statistics are not saved (checkpoint after step())",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "domains": list(self.domains),
             "policy": self.policy.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "step": self._step,
+            "num_steps": self._num_steps,
             "num_updates": self._num_updates,
             "num_samples": self._num_samples,
             "next_batch": self._next_batch,
+            "cut_batch": self._cut_batch,
             "override": None if self._override is None else self._override.tolist(),
+            # As given to the schedule, which normalises it: a resumed run tells a repeat as this one does.
+            "published": np.frombuffer(self._published).tolist(),
             "rng": self._rng.bit_generator.state,
-            "history": self.export_schedule(),
-            "pending": None if pending is None else pending.tolist(),
+            "history": self.history.export(),
+            "history_thinned": self.history.num_thinned,
+            "pending": None if self._pending is None else self._pending.tolist(),
+            "evals_missed": [self._evals_missed, self._updates_without_eval],
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restores a state saved by :meth:`state_dict`.
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, path: str = "mixer", domains: str = "same") -> None:
+        """Restores a state saved by :meth:`state_dict`. Every field is checked before anything changes.
+
+        Args:
+            state_dict: the saved state.
+            path: the key path of ``state_dict`` in the checkpoint, for error messages.
+            domains: ``"same"`` refuses a checkpoint of another domain set; ``"remap"`` carries it over to this
+                mixer's domains (common domains keep their policy state, a new one starts from a fresh policy's
+                prior; see :mod:`odm.remap`).
 
         Raises:
             ValueError: a checkpoint from another domain set (the message lists the differences), another
-                version, or another policy.
+                version or policy, a missing key or a field odm never writes (proportions off the simplex,
+                negative counters); each names its key path (``mixer.schedule.rows[3]``).
         """
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"mixer state has version {state_dict.get('version')!r}, expected {_STATE_VERSION}")
-        saved = list(state_dict["domains"])
-        if saved != self.domains:
-            raise ValueError(f"checkpoint domains differ from this mixer's: {_domain_diff(saved, self.domains)}")
-        self.policy.load_state_dict(state_dict["policy"])
-        self.schedule.load_state_dict(state_dict["schedule"])
-        self._step = int(state_dict["step"])
-        self._num_updates = int(state_dict["num_updates"])
-        self._num_samples = int(state_dict["num_samples"])
-        self._next_batch = int(state_dict["next_batch"])
-        ov = state_dict["override"]
-        self._override = None if ov is None else np.asarray(ov, dtype=np.float64)
-        self._rng.bit_generator.state = state_dict["rng"]
-        self.history = [(int(s), np.asarray(p, dtype=np.float64)) for s, p in state_dict["history"]]
-        self._published = self.proportions
+        remap = check_choice(domains, "domains", ("same", "remap")) == "remap"
+        if remap and isinstance(state_dict, Mapping) and list(state_dict.get("domains", ())) != self.domains:
+            state_dict = remap_mixer_state(state_dict, domains=self.domains, policy=self.policy)
+        got = check_state(state_dict, domains=self.domains, schedule=self.schedule, history=self.history, path=path)
+        before = self.policy.state_dict()
+        try:
+            self.policy.load_state_dict(dict(got.policy))
+        except (ValueError, TypeError, KeyError) as err:
+            self.policy.load_state_dict(before)
+            raise StateError(f"checkpoint field `{path}.policy` does not load: {err}") from err
+        # Everything is checked: commit.
+        self.schedule.replace(got.schedule_rows)
+        self.history.restore(*got.history)
+        self._num_steps, self._num_updates, self._num_samples = got.num_steps, got.num_updates, got.num_samples
+        self._next_batch = self._local_next = got.next_batch
+        self._cut_batch = got.cut_batch
+        self._override = got.override
+        self._rng = got.rng
+        self._pending = got.pending
+        self._evals_missed, self._updates_without_eval = got.evals_missed
+        latest = self.schedule.latest()
+        self._published, self._published_mode = got.published.tobytes(), latest.mode
+        self._latest = latest.proportions
         self._feedback.reset()
-        pending = state_dict.get("pending")  # absent from checkpoints written before it was saved
-        if pending is not None:
-            expected = NUM_ROWS * self.num_domains + 2
-            if len(pending) != expected:
-                raise ValueError(f"mixer state has {len(pending)} pending statistics, expected {expected}")
-            # Under DDP every rank loads the same (already summed) statistics: one rank adds them to the next update.
-            if not distributed() or torch.distributed.get_rank() == 0:
-                self._feedback.restore(np.asarray(pending, dtype=np.float64))
+        self._collective.gathered.clear()
 
     def __repr__(self) -> str:
         return f"OnlineMixer(domains={self.domains}, policy={self.policy!r}, delay={self.delay})"

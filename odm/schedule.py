@@ -8,14 +8,16 @@ only on the rows published for ``b`` — never on how far ahead the worker happe
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from odm.policies.base import check_proportions
+from odm._checks import check_int
+from odm._state import StateError, as_int, read, read_int, read_simplex
 
-__all__ = ["MODE_EXACT", "MODE_SAMPLE", "ProportionSchedule"]
+__all__ = ["MODE_EXACT", "MODE_SAMPLE", "ProportionSchedule", "ScheduleLookup", "ScheduleRow", "check_simplex"]
 
 #: Row mode: each sample (or batch, with batch granularity) draws its domain from the proportions.
 MODE_SAMPLE = 0
@@ -23,10 +25,57 @@ MODE_SAMPLE = 0
 MODE_EXACT = 1
 
 _STATE_VERSION = 1
+_HEADER = 2  # ring columns before the proportions: effective_from, mode
+
+
+class ScheduleRow(NamedTuple):
+    """One published row: ``proportions`` of mode ``mode`` in force from batch ``effective_from`` on.
+
+    The proportions come first, as in :class:`ScheduleLookup`.
+    """
+
+    proportions: np.ndarray
+    mode: int
+    effective_from: int
+
+
+class ScheduleLookup(NamedTuple):
+    """The row in force for a batch: its ``proportions`` and ``mode``, and ``position``, its index among every
+    row published (the newest is ``num_rows - 1``; a reader may reuse it while no newer row exists)."""
+
+    proportions: np.ndarray
+    mode: int
+    position: int
+
+
+def check_simplex(p: Any, num_domains: int, name: str = "proportions") -> np.ndarray:
+    """``p`` as float64 proportions normalised to sum 1.
+
+    Raises:
+        TypeError: not a sequence of numbers.
+        ValueError: not 1-D, the wrong length, a negative or non-finite entry, or all zero.
+    """
+    try:
+        arr = np.asarray(p, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"`{name}` must be a sequence of numbers, got {p!r}") from err
+    if arr.ndim == 1 and arr.shape[0] == num_domains:
+        total = arr.sum()  # fast path: NaN fails `min >= 0`, inf fails `total < inf`
+        if arr.min() >= 0 and 0 < total < np.inf:
+            return arr / total
+    if arr.ndim != 1:
+        raise ValueError(f"`{name}` must be one-dimensional, got shape {arr.shape}")
+    if arr.shape[0] != num_domains:
+        raise ValueError(f"`{name}` must have one entry per domain ({num_domains}), got {arr.shape[0]}: {p!r}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"`{name}` must be finite, got {p!r}")
+    if np.any(arr < 0):
+        raise ValueError(f"`{name}` must be non-negative, got {p!r}")
+    raise ValueError(f"`{name}` must not be all zero, got {p!r}")
 
 
 class ProportionSchedule:
-    """A ring of ``(effective_from, mode, proportions)`` rows in shared memory.
+    """A ring of rows ``(effective_from, mode, proportions)`` in shared memory.
 
     Rows are appended with non-decreasing ``effective_from``; the row in force for batch ``b`` is the newest
     row with ``effective_from <= b``. The ring keeps the last ``capacity`` rows, which must cover the rows
@@ -40,22 +89,18 @@ class ProportionSchedule:
     Example:
         >>> s = ProportionSchedule(2, initial=[0.5, 0.5])
         >>> s.publish([0.9, 0.1], effective_from=10)
-        >>> s.lookup(9)[0], s.lookup(10)[0]
+        >>> s.lookup(9).proportions, s.lookup(10).proportions
         (array([0.5, 0.5]), array([0.9, 0.1]))
     """
 
     def __init__(self, num_domains: int, initial: Any = None, *, capacity: int = 1024) -> None:
-        if not isinstance(num_domains, int) or num_domains < 1:
-            raise ValueError(f"`num_domains` must be a positive integer, got {num_domains!r}")
-        if not isinstance(capacity, int) or capacity < 2:
-            raise ValueError(f"`capacity` must be an integer >= 2, got {capacity!r}")
-        self.num_domains = num_domains
-        self.capacity = capacity
-        # Column 0: effective_from (exact in float64 up to 2**53), column 1: mode, columns 2:: proportions.
-        self._rows = torch.zeros(capacity, 2 + num_domains, dtype=torch.float64).share_memory_()
+        self.num_domains = check_int(num_domains, "num_domains", low=1)
+        self.capacity = check_int(capacity, "capacity", low=2)
+        # One row: [effective_from (exact in float64 up to 2**53), mode, proportions...] (see _pack / _unpack).
+        self._rows = torch.zeros(self.capacity, _HEADER + self.num_domains, dtype=torch.float64).share_memory_()
         self._count = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._views: tuple[np.ndarray, np.ndarray] | None = None
-        p0 = np.full(num_domains, 1.0 / num_domains) if initial is None else initial
+        p0 = np.full(self.num_domains, 1.0 / self.num_domains) if initial is None else initial
         self.publish(p0, effective_from=0)
 
     # NOTE: numpy views are per process (rebuilt lazily after unpickling in a spawned worker); the tensors
@@ -70,6 +115,10 @@ class ProportionSchedule:
             self._views = (self._rows.numpy(), self._count.numpy())
         return self._views
 
+    @staticmethod
+    def _unpack(row: np.ndarray) -> ScheduleRow:
+        return ScheduleRow(row[_HEADER:].copy(), int(row[1]), int(row[0]))
+
     @property
     def num_rows(self) -> int:
         """Number of rows published so far (including the initial one)."""
@@ -82,34 +131,42 @@ class ProportionSchedule:
             ValueError: for invalid proportions, a negative ``effective_from``, one earlier than the newest
                 row's, or an unknown mode.
         """
-        p = check_proportions(proportions, self.num_domains)
-        if int(effective_from) != effective_from or effective_from < 0:
-            raise ValueError(f"`effective_from` must be a non-negative integer, got {effective_from!r}")
+        p = check_simplex(proportions, self.num_domains)
+        if type(effective_from) is not int or effective_from < 0:  # (the check below is the slow, full one)
+            effective_from = check_int(effective_from, "effective_from", low=0)
         if mode not in (MODE_SAMPLE, MODE_EXACT):
             raise ValueError(f"`mode` must be MODE_SAMPLE (0) or MODE_EXACT (1), got {mode!r}")
-        rows, count = self._np()
-        n = int(count[0])
-        if n > 0:
-            last = rows[(n - 1) % self.capacity, 0]
-            if effective_from < last:
-                raise ValueError(
-                    f"`effective_from`={effective_from} is earlier than the newest row's ({int(last)}); "
-                    "rows must be published in non-decreasing batch order"
-                )
-        self._append(p, int(effective_from), mode)
+        last = self.latest_effective_from()
+        if effective_from < last:
+            raise ValueError(
+                f"`effective_from`={effective_from} is earlier than the newest row's ({last}); "
+                "rows must be published in non-decreasing batch order"
+            )
+        self.append(p, effective_from, mode)
 
-    def _append(self, p: np.ndarray, effective_from: int, mode: int) -> None:
+    def append(self, p: np.ndarray, effective_from: int, mode: int) -> None:
+        """:meth:`publish` without the checks, for a caller that has made them (the mixer, a checkpoint)."""
         rows, count = self._np()
         n = int(count[0])
-        slot = n % self.capacity
-        rows[slot, 2:] = p
-        rows[slot, 1] = mode
-        rows[slot, 0] = effective_from
+        row = rows[n % self.capacity]
+        row[_HEADER:] = p
+        row[1] = mode
+        row[0] = effective_from
         # Publish the row only once it is complete: readers never look past `count`.
         count[0] = n + 1
 
-    def lookup(self, batch: int) -> tuple[np.ndarray, int, int]:
-        """Returns ``(proportions, mode, row_index)`` in force for global batch ``batch``.
+    def latest_effective_from(self) -> int:
+        rows, count = self._np()
+        return int(rows[(int(count[0]) - 1) % self.capacity, 0])
+
+    def oldest_batch(self) -> int:
+        """The first batch whose row is still in the ring (0 until a row has been evicted)."""
+        rows, count = self._np()
+        n = int(count[0])
+        return 0 if n <= self.capacity else int(rows[n % self.capacity, 0])
+
+    def lookup(self, batch: int) -> ScheduleLookup:
+        """The row in force for global batch ``batch``, and its index.
 
         Raises:
             RuntimeError: if the row in force for ``batch`` has already left the ring.
@@ -120,56 +177,87 @@ class ProportionSchedule:
         i = n - 1
         # Newest first: the rows newer than `batch` are the few published ahead of it (the publish delay).
         while i >= lo:
-            slot = i % self.capacity
-            if rows[slot, 0] <= batch:
-                return rows[slot, 2:].copy(), int(rows[slot, 1]), i
+            row = rows[i % self.capacity]
+            if row[0] <= batch:
+                return ScheduleLookup(row[_HEADER:].copy(), int(row[1]), i)
             i -= 1
         raise RuntimeError(
-            f"the proportions row for batch {batch} has left the schedule ring (capacity {self.capacity}); "
-            "raise `capacity` or publish less often than once per batch"
+            f"the proportions row for batch {batch} has left the schedule ring (capacity {self.capacity}; the "
+            f"oldest row kept applies from batch {self.oldest_batch()}); raise `capacity` or publish less often "
+            "than once per batch"
         )
 
-    def latest(self) -> tuple[int, int, np.ndarray]:
-        """The newest row as ``(effective_from, mode, proportions)``."""
+    def latest(self) -> ScheduleRow:
+        """The newest row."""
         rows, count = self._np()
-        r = rows[(int(count[0]) - 1) % self.capacity]
-        return int(r[0]), int(r[1]), r[2:].copy()
+        return self._unpack(rows[(int(count[0]) - 1) % self.capacity])
 
-    def rows(self) -> list[tuple[int, int, np.ndarray]]:
-        """The rows still in the ring, oldest first, as ``(effective_from, mode, proportions)``."""
+    def rows(self) -> list[ScheduleRow]:
+        """The rows still in the ring, oldest first."""
         rows, count = self._np()
         n = int(count[0])
-        out = []
-        for i in range(max(0, n - self.capacity), n):
-            r = rows[i % self.capacity]
-            out.append((int(r[0]), int(r[1]), r[2:].copy()))
-        return out
+        return [self._unpack(rows[i % self.capacity]) for i in range(max(0, n - self.capacity), n)]
 
     def state_dict(self) -> dict[str, Any]:
-        """The rows still in the ring (they include every row published ahead of the current batch)."""
+        """The rows still in the ring (they include every row published ahead of the current batch).
+
+        Each saved row is ``[effective_from, mode, proportions]``.
+        """
+        rows, count = self._np()
+        n = int(count[0])
+        order = [i % self.capacity for i in range(max(0, n - self.capacity), n)]
+        block = rows[order]
         return {
             "version": _STATE_VERSION,
             "num_domains": self.num_domains,
-            "num_rows": self.num_rows,
-            "rows": [(e, m, p.tolist()) for e, m, p in self.rows()],
+            "num_rows": n,
+            "rows": [[int(r[0]), int(r[1]), r[_HEADER:].tolist()] for r in block],
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def check_state(self, state_dict: Mapping[str, Any], path: str = "schedule") -> list[ScheduleRow]:
+        """Every field of a saved schedule, checked; the rows to load (the newest ``capacity``).
+
+        Raises:
+            ValueError: a missing key, another version or domain count, a row that is not
+                ``[effective_from, mode, proportions on the simplex]`` or out of batch order; each names its key
+                path (``schedule.rows[3]``).
+        """
+        version = read(state_dict, "version", path)
+        if version != _STATE_VERSION:
+            raise StateError(f"`{path}.version` is {version!r}; this odm reads schedule version {_STATE_VERSION}")
+        k = read_int(state_dict, "num_domains", path, low=1)
+        if k != self.num_domains:
+            raise StateError(f"`{path}` is for {k} domains, this schedule has {self.num_domains}")
+        saved = read(state_dict, "rows", path)
+        if not isinstance(saved, list | tuple) or not saved:
+            raise StateError(f"`{path}.rows` must be a non-empty list of rows, got {saved!r}")
+        out: list[ScheduleRow] = []
+        last = 0
+        for i, row in enumerate(saved):
+            where = f"{path}.rows[{i}]"
+            if not isinstance(row, list | tuple) or len(row) != 3:
+                raise StateError(f"`{where}` must be [effective_from, mode, proportions], got {row!r}")
+            effective_from = as_int(row[0], f"{where}.effective_from", low=last)
+            mode = as_int(row[1], f"{where}.mode")
+            if mode not in (MODE_SAMPLE, MODE_EXACT):
+                raise StateError(f"`{where}.mode` must be 0 (sample) or 1 (exact), got {mode!r}")
+            out.append(ScheduleRow(read_simplex(row[2], f"{where}.proportions", k), mode, effective_from))
+            last = effective_from
+        return out[-self.capacity :]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, path: str = "schedule") -> None:
         """Replaces the rows in place (workers holding this schedule see the change).
 
         Raises:
-            ValueError: on a version or domain-count mismatch.
+            ValueError: as :meth:`check_state`; nothing is changed then.
         """
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"schedule state has version {state_dict.get('version')!r}, expected {_STATE_VERSION}")
-        if state_dict["num_domains"] != self.num_domains:
-            raise ValueError(
-                f"schedule state is for {state_dict['num_domains']} domains, this schedule has {self.num_domains}"
-            )
-        saved = state_dict["rows"][-self.capacity :]
+        self.replace(self.check_state(state_dict, path))
+
+    def replace(self, rows: list[ScheduleRow]) -> None:
+        """Replaces the rows with ``rows`` (as :meth:`check_state` returns them), in place."""
         _, count = self._np()
         count[0] = 0
         # NOTE: rows are written back as saved, not re-normalised: dividing by a sum again can move the last
         # bit, and one bit can change a domain draw after a resume.
-        for effective_from, mode, p in saved:
-            self._append(np.asarray(p, dtype=np.float64), int(effective_from), int(mode))
+        for p, mode, effective_from in rows:
+            self.append(p, effective_from, mode)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from odm._checks import check_int
 from odm.mixer import OnlineMixer
 from odm.policies import Policy
 
@@ -108,9 +109,7 @@ class LossSimulator:
         if not (np.isfinite(noise) and noise >= 0):
             raise ValueError(f"`noise` must be a finite standard deviation >= 0, got {noise!r}")
         self.noise = float(noise)
-        if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 1:
-            raise ValueError(f"`eval_samples` must be a positive integer, got {eval_samples!r}")
-        self.eval_samples = eval_samples
+        self.eval_samples = check_int(eval_samples, "eval_samples", low=1)
         idx = []
         for d in noise_domains:
             if isinstance(d, int | np.integer) and not isinstance(d, bool) and 0 <= d < k:
@@ -241,9 +240,7 @@ def simulate(
     Raises:
         ValueError: for non-positive ``steps`` or ``batch_size`` or an unknown ``granularity``.
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    steps, batch_size = check_int(steps, "steps", low=1), check_int(batch_size, "batch_size", low=1)
     if granularity not in GRANULARITIES:
         raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}")
     sim = LossSimulator.demo() if simulator is None else simulator

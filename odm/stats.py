@@ -1,12 +1,14 @@
-"""Per-domain loss statistics: a torchmetrics ``Metric`` for logging and a held-out evaluation helper.
+"""Per-domain loss statistics: a held-out evaluation helper and a metric for logging.
 
-Both keep per-domain *sums and counts* (ARCHITECTURE.md, decision 5): they add up across batches, workers
+Both keep per-domain *sums and counts* (see ``docs/architecture.md``): they add up across batches, workers
 and ranks with one ``SUM`` reduction, and the per-domain mean is ``loss_sum / count``.
 
-* :class:`DomainLoss` — the running per-domain mean training loss a logger shows (``mix/loss/<domain>``);
 * :func:`evaluate_domains` — per-domain held-out loss sums and counts for policies that ask for an
   evaluation (``OnlineMixer.wants_eval()`` → ``OnlineMixer.observe_eval(loss_sum, count)``), usable in any
-  loop; the Lightning callback calls it too.
+  loop; the adapters call it too. Needs only torch.
+* :class:`DomainLoss` — the running per-domain mean training loss a logger shows (``mix/loss/<domain>``), a
+  torchmetrics ``Metric`` (defined in :mod:`odm.domain_loss`, imported on first use: torchmetrics is slow to
+  import and comes with the ``[lightning]`` extra).
 """
 
 from __future__ import annotations
@@ -16,101 +18,22 @@ from itertools import islice
 from typing import Any
 
 import torch
-from torchmetrics import Metric
 
-__all__ = ["DomainLoss", "evaluate_domains"]
+from odm._checks import check_domain_names, check_int
 
-
-def _domain_names(domains: Any) -> list[str]:
-    if isinstance(domains, str) or not isinstance(domains, Sequence):
-        raise TypeError(f"`domains` must be a sequence of domain names, got {domains!r}")
-    names = list(domains)
-    if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"`domains` must be a non-empty list of non-empty strings, got {domains!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"`domains` has duplicate names: {names}")
-    return names
+__all__ = ["DomainLoss", "evaluate_domains"]  # noqa: F822 (DomainLoss: module __getattr__ below)
 
 
-class DomainLoss(Metric):
-    """Per-domain mean loss, accumulated as per-domain sums and counts that sum-reduce across ranks.
-
-    ``compute()`` returns ``mean_k = Σ_{i: d_i = k} w_i·ℓ_i / Σ_{i: d_i = k} w_i`` for each domain ``k``
-    (``w_i = 1`` unless weights are given), NaN for a domain with no samples since the last ``reset()``.
-    Non-finite losses are skipped, as :class:`odm.OnlineMixer` skips them.
-
-    Args:
-        domains: domain names, in the order of the domain ids (``mixer.domains``).
-        **kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ``process_group``, …).
-
-    Raises:
-        ValueError / TypeError: for an empty list, duplicates or non-string names.
-
-    Example:
-        >>> metric = DomainLoss(["web", "code"])
-        >>> metric.update(torch.tensor([0, 1, 1]), torch.tensor([2.0, 1.0, 3.0]))
-        >>> metric.compute()
-        tensor([2., 2.], dtype=torch.float64)
-        >>> metric.as_dict()
-        {'web': 2.0, 'code': 2.0}
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = False
-
-    loss_sum: torch.Tensor
-    count: torch.Tensor
-
-    def __init__(self, domains: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.domains = _domain_names(domains)
-        k = len(self.domains)
-        self.add_state("loss_sum", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, domain: torch.Tensor, loss: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Adds one batch: per-sample domain ids ``[B]`` and losses ``[B]`` (or one scalar loss for a
-        one-domain batch, counted ``B`` times).
-
-        Raises:
-            ValueError: ids out of range or shapes that do not match.
-        """
-        ids = torch.as_tensor(domain, device=self.loss_sum.device).reshape(-1).long()
-        values = torch.as_tensor(loss, device=self.loss_sum.device).detach().to(torch.float64)
-        if values.ndim == 0:
-            w = torch.full((1,), float(max(ids.numel(), 1)), dtype=torch.float64, device=values.device)
-            ids, values = ids[:1], values.reshape(1)
-        else:
-            values = values.reshape(-1)
-            if ids.numel() != values.numel():
-                raise ValueError(f"`domain` has {ids.numel()} ids but `loss` has {values.numel()} values")
-            w = (
-                torch.ones_like(values)
-                if weight is None
-                else torch.as_tensor(weight, device=values.device).to(torch.float64).reshape(-1)
-            )
-            if w.numel() != values.numel():
-                raise ValueError(f"`weight` has {w.numel()} values but `loss` has {values.numel()}")
-        if ids.numel() and ids.device.type == "cpu":  # a range check on an accelerator would sync it
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= len(self.domains):
-                raise ValueError(f"domain ids must be in [0, {len(self.domains) - 1}], got ids in [{lo}, {hi}]")
-        finite = torch.isfinite(values)
-        w = torch.where(finite, w, torch.zeros_like(w))
-        self.loss_sum.index_add_(0, ids, torch.where(finite, values * w, torch.zeros_like(values)))
-        self.count.index_add_(0, ids, w)
-
-    def compute(self) -> torch.Tensor:
-        """Per-domain mean loss ``(K,)`` float64; NaN where a domain had no samples."""
-        return torch.where(
-            self.count > 0, self.loss_sum / self.count.clamp_min(1e-300), torch.full_like(self.loss_sum, torch.nan)
-        )
-
-    def as_dict(self) -> dict[str, float]:
-        """``{domain: mean loss}`` for the domains that had samples (one host transfer)."""
-        mean = self.compute().tolist()
-        return {d: v for d, v in zip(self.domains, mean) if v == v}  # v == v drops NaN
+def __getattr__(name: str) -> Any:
+    if name == "DomainLoss":
+        try:
+            from odm.domain_loss import DomainLoss
+        except ImportError as err:
+            if (err.name or "").split(".")[0] != "torchmetrics":
+                raise
+            raise ImportError("odm.stats.DomainLoss needs torchmetrics: pip install 'torch-odm[lightning]'") from err
+        return DomainLoss
+    raise AttributeError(f"module 'odm.stats' has no attribute {name!r}")
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -143,7 +66,8 @@ def evaluate_domains(
     Args:
         loss_fn: ``batch -> per-sample losses [B]`` (``reduction="none"``), or a scalar mean loss of the batch,
             then counted once per sample of the batch's first tensor dimension when it can tell, else once.
-        loaders: ``{domain: iterable of batches}`` of held-out data, one per domain (any subset of ``domains``).
+        loaders: ``{domain: iterable of batches}`` of held-out data, one per domain (any subset of ``domains``,
+            in any order: each loader is credited to the domain it is keyed by).
         domains: every domain name in mixer order (``mixer.domains``); default: the keys of ``loaders``.
         device: move each batch (tensors in nested dicts, lists, tuples) there first; ``None`` leaves it.
         max_batches: read at most this many batches per domain.
@@ -165,13 +89,11 @@ def evaluate_domains(
     """
     if not isinstance(loaders, Mapping):
         raise TypeError(f"`loaders` must be a mapping {{domain: held-out loader}}, got {type(loaders).__name__}")
-    names = _domain_names(list(loaders) if domains is None else domains)
+    names = check_domain_names(list(loaders) if domains is None else domains)
     unknown = [d for d in loaders if d not in names]
     if unknown:
         raise ValueError(f"`loaders` has held-out data for unknown domains {unknown}; domains: {names}")
-    bad = isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    if max_batches is not None and bad:
-        raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}")
+    check_int(max_batches, "max_batches", low=1, allow_none=True)
     dev = None if device is None else torch.device(device)
     sums: list[torch.Tensor | float] = [0.0] * len(names)
     counts: list[torch.Tensor | float] = [0.0] * len(names)

@@ -108,12 +108,45 @@ def test_restart_repeats_a_domain_with_a_new_pass():
     assert got == [0, 1, 2] * 4
 
 
-def test_stop_ends_the_iteration_when_a_domain_runs_out():
-    ds = MixtureDataset({"a": list(range(5)), "b": list(range(100, 200))}, batch_size=4, exhausted="stop")
-    batches = list(ds)
-    assert len(batches) < 50
-    seen_a = [x for b in batches for x, d in zip(b["data"].tolist(), b["domain"].tolist()) if d == 0]
-    assert len(seen_a) <= 5 and len(set(seen_a)) == len(seen_a)
+def _stop_drop_sources() -> dict[str, list[int]]:
+    return {"a": list(range(5)), "b": list(range(100, 200))}
+
+
+def test_stop_ends_the_iteration_at_the_batch_that_needs_a_spent_domain():
+    # The domain ids of each batch are the same under every `exhausted` mode until a pass ends: take them from
+    # an endless (restart) run, find the first batch that asks for a 6th sample of "a", and expect exactly the
+    # batches before it, identical, and nothing else.
+    restart = iter(MixtureDataset(_stop_drop_sources(), batch_size=4, seed=3))
+    reference, used = [], 0
+    while True:
+        batch = next(restart)
+        used += int((batch["domain"] == 0).sum())
+        if used > 5:
+            break
+        reference.append(batch["data"].tolist())
+    batches = list(MixtureDataset(_stop_drop_sources(), batch_size=4, seed=3, exhausted="stop"))
+    assert [b["data"].tolist() for b in batches] == reference
+    assert all(len(b["data"]) == 4 for b in batches)  # the partial batch is dropped, not returned short
+
+
+def test_drop_reads_every_sample_once_and_never_stops_early():
+    batches = list(MixtureDataset(_stop_drop_sources(), batch_size=4, seed=3, exhausted="drop"))
+    values = [x for b in batches for x in b["data"].tolist()]
+    assert sorted(values) == list(range(5)) + list(range(100, 200))
+    assert [len(b["data"]) for b in batches] == [4] * 26 + [1]
+
+
+def test_two_ranks_draw_different_domain_sequences_from_one_seed():
+    def ids(rank: int) -> list[list[int]]:
+        ds, _ = dataset(k=4, batch_size=16, seed=5)
+        ds.rank, ds.world_size = rank, 2
+        it = iter(ds)
+        return [next(it)["domain"].tolist() for _ in range(10)]
+
+    r0, r1 = ids(0), ids(1)
+    assert r0 != r1, "the rank must be part of the draw key: identical ranks halve the effective batch"
+    assert all(a != b for a, b in zip(r0, r1))  # every batch differs, not just one
+    assert ids(0) == r0  # and each rank's draws are reproducible
 
 
 def test_drop_removes_a_spent_domain_and_renormalises_the_rest():

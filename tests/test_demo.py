@@ -62,3 +62,62 @@ def test_the_command_line_reports_an_unknown_policy_as_a_usage_error(capsys: pyt
         main(["demo", "--synthetic", "--steps", "1", "--policies", "no-such-policy"])
     assert exit_info.value.code == 2
     assert "unknown policies ['no-such-policy']" in capsys.readouterr().err
+
+
+def test_the_default_demo_stays_synthetic_even_with_a_corpus_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "manifest.json").write_text("{}")
+    monkeypatch.setattr(odm.demo, "CORPUS_CACHE", tmp_path)
+    plot = tmp_path / "p.png"
+    assert main(["demo", "--steps", "5", "--policies", "uniform", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "odm demo: a small MLP" in out and "quality" not in out
+    # the table says what its columns mean
+    assert "p/<domain>:" in out and "learnable:" in out
+    assert plot.stat().st_size > 0
+
+
+FAKE_BENCHMARK = """
+import sys, pathlib
+args = sys.argv[1:]
+out = pathlib.Path(args[args.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / "quality-demo-20990101-proportions.png").write_bytes(b"fake png")
+print("fake benchmark", " ".join(args))
+"""
+
+
+def test_the_real_demo_runs_the_checkouts_benchmark_as_a_process_and_honours_plot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "quality.py"
+    script.write_text(FAKE_BENCHMARK)
+    monkeypatch.setattr(odm.demo, "_quality_script", lambda: script)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text("{}")
+    plot = tmp_path / "real.png"
+    code = main(["demo", "--data", str(corpus), "--steps", "7", "--policies", "uniform", "--plot", str(plot)])
+    out = capfd.readouterr().out
+    assert code == 0
+    assert "expected time" in out
+    assert f"fake benchmark --data {corpus} --quick --steps 7 --seeds 1 --first-seed 0" in out
+    assert plot.read_bytes() == b"fake png"
+
+
+def test_the_real_demo_without_a_checkout_or_corpus_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(odm.demo, "_quality_script", lambda: None)
+    assert main(["demo", "--real"]) == 1
+    assert "source checkout" in capsys.readouterr().out
+    monkeypatch.setattr(odm.demo, "_quality_script", lambda: tmp_path / "quality.py")
+    with pytest.raises(SystemExit):
+        main(["demo", "--data", str(tmp_path)])
+    assert "corpus.py" in capsys.readouterr().err
+
+
+def test_the_installed_library_never_imports_benchmark_code() -> None:
+    source = Path(odm.demo.__file__).read_text()
+    assert "exec_module" not in source and "spec_from_file_location" not in source

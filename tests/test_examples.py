@@ -46,8 +46,9 @@ def test_the_custom_loop_runs_as_a_script_with_workers_and_saves_a_resumable_che
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     state = torch.load(ckpt, weights_only=True)["loader"]
-    assert state["next_batch"] == 41, "the loop took 41 batches (the 41st ends it)"
+    # The loop took 41 batches (the 41st ends it) but stepped on 40: the checkpoint resumes at batch 40.
+    assert state["next_batch"] == 40
     loader = odm.MixtureLoader(_load("custom_loop").make_domains(), batch_size=32, policy="exp3", num_workers=2)
     loader.load_state_dict(state)
-    assert loader.mixer.proportions.tolist() == pytest.approx(state["mixer"]["history"][-1][1], abs=1e-15)
-    assert loader.mixer.policy.state_dict()["state"].keys() == state["mixer"]["policy"]["state"].keys()
+    assert loader.state_dict() == state, "the script's loader, mixer and policy are restored as saved"
+    assert loader.mixer.num_updates == 40 and next(iter(loader))["mix_step"] == 40

@@ -114,8 +114,8 @@ def test_a_resumed_loader_yields_exactly_the_batches_of_an_uninterrupted_run(
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_checkpoint_cut_at_an_earlier_batch_resumes_from_that_batch(num_workers, chase_loss):
-    """Loops that fetch ahead (Lightning) checkpoint the batch they last trained on, not the newest fetched."""
+def test_a_batch_taken_but_not_stepped_on_is_replayed_after_a_resume(num_workers, chase_loss):
+    """Loops that fetch ahead (Lightning) checkpoint the batch they last stepped on, not the newest fetched."""
 
     def make():
         return odm.MixtureLoader(sources(n=40), batch_size=8, policy=chase_loss(), num_workers=num_workers, seed=5)
@@ -129,11 +129,50 @@ def test_a_checkpoint_cut_at_an_earlier_batch_resumes_from_that_batch(num_worker
         first.mixer.observe(batch, fake_loss(batch))
         first.mixer.step()
         batch = ahead
-    assert batch["mix_step"] == 8  # fetched, not trained on
-    state = first.state_dict(upto=7)
+    assert batch["mix_step"] == 8  # fetched, not stepped on
+    state = first.state_dict()
+    assert state["next_batch"] == 8
+    del it
     resumed = make()
     resumed.load_state_dict(state)
     assert drive(resumed, 8) == whole[8:]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_num_batches_gives_a_length_and_epochs_that_continue_the_stream(num_workers):
+    loader = odm.MixtureLoader(sources(n=100), batch_size=4, num_workers=num_workers, seed=1, num_batches=5)
+    assert len(loader) == 5
+    epochs = [[b["mix_step"] for b in loader] for _ in range(3)]
+    assert epochs == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+
+
+def test_a_resume_mid_epoch_yields_the_rest_of_that_epoch(chase_loss):
+    def make():
+        return odm.MixtureLoader(sources(n=100), batch_size=4, policy=chase_loss(), seed=1, num_batches=5)
+
+    whole = make()
+    expected = []
+    for _ in range(2):
+        for batch in whole:
+            whole.mixer.observe(batch, fake_loss(batch))
+            whole.mixer.step()
+            expected.append(batch["id"].tolist())
+    first = make()
+    for i, batch in enumerate(first):
+        first.mixer.observe(batch, fake_loss(batch))
+        first.mixer.step()
+        if i == 2:
+            break
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    got = []
+    for _ in range(2):  # the rest of epoch 0 (batches 3, 4), then all of epoch 1
+        for batch in resumed:
+            resumed.mixer.observe(batch, fake_loss(batch))
+            resumed.mixer.step()
+            got.append((batch["mix_step"], batch["id"].tolist()))
+    assert [s for s, _ in got] == [3, 4, 5, 6, 7, 8, 9]
+    assert [ids for _, ids in got] == expected[3:]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -159,7 +159,7 @@ def test_accelerator_ids_and_weights_out_of_range_are_reported_at_the_next_step(
 
 
 def test_constructor_arguments_are_checked():
-    with pytest.raises(ValueError, match="`delay` must be a non-negative integer"):
+    with pytest.raises(ValueError, match=r"`delay` must be an integer >= 0, got -1"):
         odm.OnlineMixer(_names(2), delay=-1)
     with pytest.raises(ValueError, match="`update_every` must be an integer >= 1, got 0"):
         odm.OnlineMixer(_names(2), update_every=0)
@@ -177,16 +177,16 @@ def test_importance_weights_use_the_proportions_each_batch_was_drawn_under():
     assert mixer.set_proportions([0.8, 0.2]) == 2  # applies from batch 2 (delay 2)
     # Batch 1 was drawn under the initial row, batch 2 under the override: 1 sample vs 3 samples.
     mixer.observe({"domain": torch.tensor([0]), "mix_step": 1}, torch.tensor([1.0]))
-    mixer.observe({"domain": torch.tensor([0, 1, 1]), "mix_step": torch.tensor(2)}, torch.tensor([1.0, 1.0, 1.0]))
     mixer.step()
+    mixer.observe({"domain": torch.tensor([0, 1, 1]), "mix_step": torch.tensor(2)}, torch.tensor([1.0, 1.0, 1.0]))
     mixer.step()
     expected = (1 * np.array([0.5, 0.5]) + 3 * np.array([0.8, 0.2])) / 4
     np.testing.assert_allclose(rec.seen[0].proportions, expected, rtol=1e-15)
     # Newer proportions published meanwhile do not change what the old batches were drawn under.
     mixer.set_proportions([0.1, 0.9])
-    mixer.observe({"domain": torch.tensor([1]), "mix_step": 2}, torch.tensor([1.0]))
-    mixer.step()
-    mixer.step()
+    for _ in range(2):
+        mixer.observe({"domain": torch.tensor([1]), "mix_step": 2}, torch.tensor([1.0]))
+        mixer.step()
     np.testing.assert_allclose(rec.seen[1].proportions, [0.8, 0.2], rtol=1e-15)
 
 
@@ -371,10 +371,10 @@ def test_sample_draws_the_proportions_and_exact_rows_give_exact_counts():
     exact = odm.OnlineMixer(_names(3), Recorder(inner=odm.policies.Fixed([0.2, 0.3, 0.5]), exact=True))
     exact.observe([0], [1.0])
     exact.step()  # the policy's rows are now published as exact-count rows
-    assert exact.schedule.latest()[1] == odm.schedule.MODE_EXACT
+    assert exact.schedule.latest().mode == odm.schedule.MODE_EXACT
     for _ in range(5):
         np.testing.assert_array_equal(np.bincount(exact.sample(10), minlength=3), [2, 3, 5])
-    with pytest.raises(ValueError, match="`n` must be a non-negative integer"):
+    with pytest.raises(ValueError, match=r"`n` must be an integer >= 0, got -1"):
         mixer.sample(-1)
 
 
@@ -382,7 +382,7 @@ def test_the_mixer_state_round_trip_continues_the_same_trajectory(assert_resumes
     def run(mixer: odm.OnlineMixer, n: int) -> list:
         out = []
         for _ in range(n):
-            t = mixer._step
+            t = mixer.num_steps
             ids = mixer.sample(16)
             mixer.observe(ids, np.sin(ids + 0.1 * t) + 2.0)
             mixer.step()
@@ -395,7 +395,7 @@ def test_the_mixer_state_round_trip_continues_the_same_trajectory(assert_resumes
 def _exp3_run(mixer: odm.OnlineMixer, n: int) -> list:
     out = []
     for _ in range(n):
-        t = mixer._step
+        t = mixer.num_steps
         ids = mixer.sample(16)
         mixer.observe(torch.from_numpy(ids), torch.from_numpy(np.sin(ids + 0.1 * t) + 2.0), mix_step=t)
         mixer.step()
@@ -426,28 +426,28 @@ def test_a_checkpoint_between_updates_keeps_the_statistics_observed_since_the_la
     second = make()
     second.load_state_dict(state | {"pending": None})
     assert _exp3_run(second, 10) != whole[10:]
+    assert first.state_dict() == state, "state_dict() changes nothing"
 
 
-def test_statistics_observed_before_the_step_are_saved_too():
-    """A loop that checkpoints after observe() but before step() resumes with those losses in the update."""
+def test_statistics_observed_after_the_last_step_are_not_saved_because_their_batches_are_replayed():
+    """The cut: a checkpoint holds what was stepped on; a batch observed but not stepped on comes again."""
 
     def make() -> odm.OnlineMixer:
         return odm.OnlineMixer(_names(3), ChaseLoss(), update_every=2)
 
     whole, first = make(), make()
     for mixer in (whole, first):
-        _exp3_run(mixer, 4)
-        mixer.observe([0, 1, 2, 2], [1.0, 2.0, 5.0, 6.0])
+        _exp3_run(mixer, 3)  # one step into the next update's statistics
+        mixer.observe([0, 1, 2, 2], [1.0, 2.0, 5.0, 6.0], mix_step=3)
     state = first.state_dict()
-    second, without = make(), make()
+    assert state["pending"] is not None and state["cut_batch"] == 2
+    second = make()
     second.load_state_dict(state)
-    without.load_state_dict(state | {"pending": None})
-    for mixer in (whole, second, without):
-        mixer.step()
+    second.observe([0, 1, 2, 2], [1.0, 2.0, 5.0, 6.0], mix_step=3)  # the replayed batch 3
+    for mixer in (whole, second):
         mixer.step()
     assert whole.proportions.tobytes() == second.proportions.tobytes()
-    assert not np.allclose(whole.proportions, without.proportions)
-    with pytest.raises(ValueError, match="mixer state has 3 pending statistics, expected 23"):
+    with pytest.raises(ValueError, match=r"`mixer.pending` must be a list of 25 numbers"):
         make().load_state_dict(state | {"pending": [0.0] * 3})
 
 
@@ -554,3 +554,33 @@ def test_any_float_loss_and_integer_id_dtype_is_accepted(path, loss_dtype, id_dt
     mixer.step()
     np.testing.assert_array_equal(rec.seen[0].loss_sum, [1.0, 0.0, 6.0])
     np.testing.assert_array_equal(rec.seen[0].count, [1.0, 0.0, 2.0])
+
+
+def test_num_batches_counts_the_observe_calls_behind_each_update_and_not_the_evaluations():
+    rec = Recorder()
+    mixer = odm.OnlineMixer(_names(2), rec, update_every=2)
+    for b in range(3):
+        mixer.observe([0, 1], [1.0, 2.0], mix_step=b)
+    mixer.step()
+    mixer.observe([0], [1.0], mix_step=3)
+    mixer.observe_eval([1.0, 1.0], [1.0, 1.0])
+    mixer.step()
+    mixer.observe([1], [1.0], mix_step=4)
+    mixer.step()
+    mixer.observe([1], [1.0], mix_step=5)
+    mixer.step()
+    assert [s.num_batches for s in rec.seen] == [4, 2]
+
+
+@pytest.mark.parametrize(
+    ("delay", "update_every", "updates"), [(0, 1, 0), (6, 1, 6), (6, 4, 2), (5, 4, 2), (4, 4, 1), (8, 4, 2), (0, 4, 0)]
+)
+def test_the_policy_is_told_the_publish_delay_in_updates(delay, update_every, updates):
+    told = []
+
+    class Told(ChaseLoss):
+        def set_publish_delay(self, delay: int) -> None:
+            told.append(delay)
+
+    odm.OnlineMixer(_names(2), Told(), delay=delay, update_every=update_every)
+    assert told == [updates]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import time
 import warnings
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -143,3 +145,125 @@ def test_a_checkpoint_between_updates_under_ddp_resumes_every_rank_exactly(tmp_p
     assert r0["whole"] == r1["whole"] and len(set(r0["whole"])) > 3, "the policy learns, identically on both ranks"
     assert r0["pending"] == r1["pending"], "the saved pending statistics are the sum over the ranks"
     assert r0["rest"] == r0["whole"][8:] and r1["rest"] == r1["whole"][8:]
+
+
+# -- the checkpoint protocol and rank agreement (2 gloo ranks, a short timeout so a hang fails fast) ------------
+
+TIMEOUT = timedelta(seconds=20)
+
+
+def _disagreeing(rank: int) -> dict[str, odm.OnlineMixer]:
+    """Mixers whose settings differ between rank 0 and rank 1 in exactly one way each."""
+    return {
+        "domains": odm.OnlineMixer(["a", "b"] if rank == 0 else ["a", "c"]),
+        "num_domains": odm.OnlineMixer(["a", "b", "c"][: 3 - rank]),
+        "policy": odm.OnlineMixer(["a", "b"], "uniform" if rank == 0 else ChaseLoss()),
+        "update_every": odm.OnlineMixer(["a", "b"], update_every=1 + rank),
+        "delay": odm.OnlineMixer(["a", "b"], delay=2 * rank),
+        "policy config": odm.OnlineMixer(["a", "b"], get_policy("exp3", gamma=0.1 * (1 + rank))),
+    }
+
+
+def _protocol_main(rank: int, world: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
+    out: dict[str, object] = {}
+    try:
+        # 1. Disagreements: a ValueError on every rank, naming the field and each rank's value.
+        for field, mixer in _disagreeing(rank).items():
+            mixer.observe([0], [1.0])
+            t0 = time.monotonic()
+            try:
+                mixer.step()
+                out[field] = None
+            except ValueError as err:
+                out[field] = (str(err), time.monotonic() - t0)
+        # A loader's own field takes part too.
+        extra = odm.OnlineMixer(["a", "b"])
+        extra.agreement_fields.update({"batch_size": 8 + rank})
+        try:
+            extra.check_agreement()
+            out["batch_size"] = None
+        except ValueError as err:
+            out["batch_size"] = (str(err), 0.0)
+
+        # 2. One all_reduce per step(), payloads gathered in it, rank-0-only state_dict() resumes both ranks.
+        calls: list[tuple[int, ...]] = []
+        all_reduce = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(tuple(tensor.shape))
+            return all_reduce(tensor, *args, **kwargs)
+
+        def make() -> odm.OnlineMixer:
+            mixer = odm.OnlineMixer([f"d{i}" for i in range(K)], ChaseLoss(), update_every=3, seed=rank)
+            mixer.register_payload("rows", lambda cut: np.array([rank, cut, 7.0]), 3)
+            return mixer
+
+        def run(mixer: odm.OnlineMixer, steps: range) -> list[bytes]:
+            got = []
+            for t in steps:
+                rng = np.random.default_rng(1000 * rank + t)
+                ids = rng.integers(0, K, 8 + 4 * rank)
+                mixer.observe(ids, rng.gamma(2.0, 1.0 + rank, len(ids)) + 0.5 * ids, mix_step=t)
+                mixer.step()
+                got.append(mixer.proportions.tobytes())
+            return got
+
+        # 3. process_group: statistics are reduced over that group only (here each rank is its own group).
+        groups = [dist.new_group([0]), dist.new_group([1])]
+        rec = Recorder()
+        solo = odm.OnlineMixer(["a", "b"], rec, process_group=groups[rank])
+        solo.observe([rank], [1.0 + rank], mix_step=0)
+        solo.step()
+        out["solo_counts"] = rec.seen[0].count.tolist()
+
+        whole = run(make(), range(20))
+        first = make()
+        dist.all_reduce = counting_all_reduce
+        run(first, range(8))  # 8 steps: the statistics of steps 7 and 8 are pending (update_every=3)
+        dist.all_reduce = all_reduce
+        out["collectives"] = calls
+        out["gathered"] = first.gathered("rows").tolist()
+        out["cut"] = first.cut_batch
+        if rank == 0:
+            t0 = time.monotonic()
+            torch.save(first.state_dict(), f"{out_dir}/ckpt.pt")  # rank 0 alone: must not wait for rank 1
+            out["state_seconds"] = time.monotonic() - t0
+        dist.barrier()
+        second = make()
+        second.load_state_dict(torch.load(f"{out_dir}/ckpt.pt", weights_only=True))
+        out["whole"], out["rest"] = whole, run(second, range(8, 20))
+    finally:
+        with open(f"{out_dir}/protocol{rank}.pkl", "wb") as f:
+            pickle.dump(out, f)
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_fail_fast_and_a_rank_0_checkpoint_resumes_every_rank(tmp_path):
+    mp.spawn(_protocol_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (pickle.loads((tmp_path / f"protocol{r}.pkl").read_bytes()) for r in range(2))
+    expected = {
+        "domains": "`domains` differs (rank 0: ['a', 'b']; rank 1: ['a', 'c'])",
+        "num_domains": "`num_domains` differs (rank 0: 3; rank 1: 2)",
+        "policy": "`policy` differs (rank 0: 'odm.policies.static.Uniform({})'; rank 1: 'conftest.ChaseLoss({})')",
+        "update_every": "`update_every` differs (rank 0: 1; rank 1: 2)",
+        "delay": "`delay` differs (rank 0: 0; rank 1: 2)",
+        "batch_size": "`batch_size` differs (rank 0: 8; rank 1: 9)",
+        "policy config": "'gamma': 0.1, 'loss_smoothing'",
+    }
+    assert "'gamma': 0.2, 'loss_smoothing'" in r0["policy config"][0]
+    for field, words in expected.items():
+        for r in (r0, r1):
+            assert r[field] is not None, f"ranks with a different {field} were accepted"
+            message, seconds = r[field]
+            assert words in message and "ranks disagree" in message, message
+            assert seconds < 10
+    # Exactly one all_reduce per step(), and the payload travelled in it.
+    assert r0["collectives"] == r1["collectives"] == [(odm.feedback.FeedbackRows.size(K) + 2 * 5,)] * 8
+    assert r0["gathered"] == r1["gathered"] == [[0.0, 7.0, 7.0], [1.0, 7.0, 7.0]]
+    assert r0["cut"] == r1["cut"] == 7
+    assert r0["state_seconds"] < 5
+    for r in (r0, r1):
+        assert r["rest"] == r["whole"][8:], "rank 0's checkpoint resumes this rank exactly"
+    assert r0["whole"] == r1["whole"]
+    assert (r0["solo_counts"], r1["solo_counts"]) == ([1.0, 0.0], [0.0, 1.0]), "reduced over its own group only"

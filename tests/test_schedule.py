@@ -90,7 +90,7 @@ def test_schedule_rejects_bad_construction_arguments():
         ProportionSchedule(0)
     with pytest.raises(ValueError, match="capacity"):
         ProportionSchedule(2, capacity=1)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match=r"`effective_from` must be an integer >= 0, got -1"):
         ProportionSchedule(2).publish([1, 1], effective_from=-1)
 
 
@@ -101,4 +101,14 @@ def test_state_round_trip_keeps_every_row_bit_for_bit():
         s.publish(rng.dirichlet(np.ones(5)) * rng.uniform(0.1, 10), effective_from=b)
     t = ProportionSchedule(5, capacity=512)
     t.load_state_dict(s.state_dict())
-    assert [(e, m, p.tobytes()) for e, m, p in t.rows()] == [(e, m, p.tobytes()) for e, m, p in s.rows()]
+    assert [(e, m, p.tobytes()) for p, m, e in t.rows()] == [(e, m, p.tobytes()) for p, m, e in s.rows()]
+
+
+def test_lookup_names_the_position_of_the_row_in_force_so_readers_can_reuse_the_newest():
+    s = ProportionSchedule(2, capacity=4)
+    for b in (5, 9, 9, 20):  # rows 1..4; row 0 (batch 0) leaves the ring
+        s.publish([b, 1], effective_from=b)
+    assert [s.lookup(b).position for b in (5, 8, 9, 19, 20, 10**6)] == [1, 1, 3, 3, 4, 4]
+    assert s.lookup(20).position == s.num_rows - 1
+    p, mode, position = s.lookup(7)  # unpacks in this order
+    assert (p.tolist(), mode, position) == ([5 / 6, 1 / 6], 0, 1)

@@ -136,7 +136,7 @@ def test_held_out_losses_reach_the_policy_exactly_when_it_asks():
         ({"horizon": 0.0}, "`horizon` must be a finite number of samples > 0"),
         ({"noise": -0.1}, "`noise` must be a finite standard deviation >= 0"),
         ({"noise_domains": ["x"]}, "`noise_domains` names unknown domain 'x'"),
-        ({"eval_samples": 0}, "`eval_samples` must be a positive integer"),
+        ({"eval_samples": 0}, "`eval_samples` must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_simulator_settings_are_refused(kwargs, match):
@@ -145,7 +145,7 @@ def test_bad_simulator_settings_are_refused(kwargs, match):
 
 
 def test_bad_simulation_settings_are_refused():
-    with pytest.raises(ValueError, match="`steps` must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 1, got 0"):
         simulate("uniform", steps=0)
     with pytest.raises(ValueError, match="`granularity` must be one of"):
         simulate("uniform", steps=1, granularity="token")

@@ -6,6 +6,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +340,7 @@ def test_bad_options_are_refused_at_construction(tmp_path):
         WebDatasetSource(paths, decode="nonsense")
     with pytest.raises(ValueError, match="`sample_counts` has 1 entries but there are 2 urls"):
         WebDatasetSource(paths, sample_counts=[2])
-    with pytest.raises(ValueError, match="non-negative integers, got -1"):
+    with pytest.raises(ValueError, match="`sample_counts` must be an integer >= 0, got -1"):
         WebDatasetSource(paths, sample_counts=[2, -1])
     p = write_lines(tmp_path / "a.jsonl", ["{}"])
     with pytest.raises(TypeError, match="`field` must be a string"):
@@ -437,3 +438,158 @@ def test_size_hints_feed_natural_proportions(tmp_path):
     assert sizes == [40, 40, 40]
     loader = odm.MixtureLoader(sources, batch_size=4, policy=odm.policies.Natural(sizes), collate_fn=identities)
     np.testing.assert_allclose(loader.mixer.proportions, [1 / 3] * 3)
+
+
+# -- sample shuffle buffer ------------------------------------------------------------------------------------
+
+
+def buffer_reference(samples: list[Any], size: int, seed_int: int) -> list[Any]:
+    """webdataset's shuffle buffer written out plainly: fill, swap out a random one per new sample, drain."""
+    import random
+
+    rng, buf, out = random.Random(seed_int), [], []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+        else:
+            j = rng.randrange(size)
+            out.append(buf[j])
+            buf[j] = s
+    rng.shuffle(buf)
+    return out + buf
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 6])
+def test_webdataset_shuffle_buffer_permutes_each_shard_and_resumes_exactly(tmp_path, num_shards):
+    paths = write_tars(tmp_path, [7, 5, 9])
+    plain = WebDatasetSource(paths, shuffle_shards=False)
+    src = WebDatasetSource(paths, shuffle_shards=False, shuffle=4)
+    assert src.shuffles
+    for shard in range(num_shards):
+        base = read(plain, shard=shard, num_shards=num_shards)
+        whole = read(src, shard=shard, num_shards=num_shards, epoch=1, seed=2)
+        key = np.random.SeedSequence([2, 1, shard, num_shards, 0xB0F]).generate_state(1)
+        assert whole == buffer_reference(base, 4, int(key[0]))  # the documented buffer, seeded as documented
+        for start in range(len(whole) + 1):  # resume replays the buffer: the exact remainder
+            assert read(src, shard=shard, num_shards=num_shards, epoch=1, seed=2, start=start) == whole[start:]
+    a = read(src, epoch=0, seed=2)
+    assert a != read(src, epoch=1, seed=2) and a != read(plain) and sorted(a) == sorted(read(plain))
+
+
+def test_a_buffer_of_one_keeps_the_order(tmp_path):
+    paths = write_tars(tmp_path, [4, 4])
+    assert read(WebDatasetSource(paths, shuffle_shards=False, shuffle=1)) == read(
+        WebDatasetSource(paths, shuffle_shards=False)
+    )
+
+
+# -- the sharding contract ------------------------------------------------------------------------------------
+
+
+class SplitsByWorker(torch.utils.data.IterableDataset):
+    """The torch docs' pattern: splits itself over DataLoader workers by ``get_worker_info()``."""
+
+    def __iter__(self) -> Iterator[int]:
+        info = torch.utils.data.get_worker_info()
+        lo, step = (0, 1) if info is None else (info.id, info.num_workers)
+        return iter(range(lo, 12, step))
+
+
+def worker_shard(seed: int) -> list[int]:
+    """Shard 1 of 2 of ``SplitsByWorker`` as odm reads it inside a real DataLoader worker."""
+    info = torch.utils.data.get_worker_info()
+    assert info is not None  # really inside a worker
+    return list(IterableSource(SplitsByWorker()).open(shard=1, num_shards=2, epoch=0, start=0, seed=seed))
+
+
+class _OneShard(torch.utils.data.IterableDataset):
+    def __iter__(self) -> Iterator[list[int]]:
+        yield worker_shard(0)
+        # The worker info is back for everything else in the worker.
+        assert torch.utils.data.get_worker_info() is not None
+
+
+def test_a_worker_splitting_dataset_is_split_once_by_odm_inside_a_real_worker():
+    loader = torch.utils.data.DataLoader(_OneShard(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert list(loader) == [[1, 3, 5, 7, 9, 11]]
+
+
+def test_sequences_are_sliced_not_streamed(tmp_path):
+    src = as_source(range(10**12))  # slicing a range is O(1): a stream would never get here
+    assert list(islice(src.open(shard=3, num_shards=4, epoch=0, start=10**9, seed=0), 2)) == [
+        4 * 10**9 + 3,
+        4 * 10**9 + 7,
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_shards", [1, 2, 5, 12])
+def test_a_strided_source_reads_a_stride_of_one_pass_order(tmp_path, kind, num_shards):
+    # The invariant a resume on another topology builds on: shard s of n reads pass[s::n], pass from (seed, epoch).
+    src, _ = make_source(kind, tmp_path)
+    whole = read(src, epoch=2, seed=4)
+    if not src.is_strided(num_shards):
+        assert kind == "webdataset" and num_shards <= 4  # whole tars per shard
+        return
+    for s in range(num_shards):
+        assert read(src, shard=s, num_shards=num_shards, epoch=2, seed=4) == whole[s::num_shards]
+
+
+# -- Hugging Face datasets ------------------------------------------------------------------------------------
+
+
+def hf_datasets() -> Any:
+    return pytest.importorskip("datasets", reason="Hugging Face `datasets` is not installed")
+
+
+def test_a_hugging_face_dataset_is_map_style_reshuffled_per_pass_and_resumes_in_o1():
+    datasets = hf_datasets()
+    from odm.hf_sources import HFDatasetSource
+
+    ds = datasets.Dataset.from_dict({"x": list(range(40))})
+    src = as_source(ds)
+    assert isinstance(src, HFDatasetSource) and src.shuffles and src.size_hint() == 40
+    rows = [r["x"] for r in src.open(shard=0, num_shards=1, epoch=0, start=0, seed=1)]
+    again = [r["x"] for r in src.open(shard=0, num_shards=1, epoch=1, start=0, seed=1)]
+    assert sorted(rows) == sorted(again) == list(range(40)) and rows != again
+    assert rows == src.pass_order(epoch=0, seed=1).tolist()
+    # O(1) resume: opening at `start` reads only the rows it yields.
+    reads: list[int] = []
+
+    class Counting:
+        def __len__(self) -> int:
+            return len(ds)
+
+        def __getitem__(self, i: int) -> Any:
+            raise AssertionError("rows are fetched in chunks")
+
+        def __getitems__(self, keys: list[int]) -> list[Any]:
+            reads.extend(keys)
+            return ds.__getitems__(keys)
+
+    resumed = HFDatasetSource(Counting()).open(shard=0, num_shards=1, epoch=0, start=37, seed=1)
+    assert [r["x"] for r in resumed] == rows[37:] and len(reads) == 3
+
+
+def test_a_hugging_face_iterable_dataset_is_sharded_by_its_own_shards():
+    datasets = hf_datasets()
+    from odm.hf_sources import HFIterableSource
+
+    ds = datasets.Dataset.from_dict({"x": list(range(12))}).to_iterable_dataset(num_shards=4)
+    src = as_source(ds)
+    assert isinstance(src, HFIterableSource) and not src.is_strided(2) and src.is_strided(5)
+    parts = [[r["x"] for r in src.open(shard=s, num_shards=2, epoch=0, start=0, seed=0)] for s in range(2)]
+    assert parts == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]  # whole HF shards (files), contiguous
+    assert [r["x"] for r in src.open(shard=1, num_shards=2, epoch=0, start=4, seed=0)] == [10, 11]
+    # Fewer HF shards than odm shards: every n-th row of the stream.
+    assert [r["x"] for r in src.open(shard=1, num_shards=5, epoch=0, start=1, seed=0)] == [6, 11]
+
+
+def test_a_shuffled_hugging_face_iterable_reshuffles_per_pass_identically_in_every_process():
+    datasets = hf_datasets()
+    base = datasets.Dataset.from_dict({"x": list(range(30))}).to_iterable_dataset(num_shards=3)
+    src = as_source(base.shuffle(seed=3, buffer_size=8))
+    passes = [[r["x"] for r in src.open(shard=0, num_shards=1, epoch=e, start=0, seed=0)] for e in range(2)]
+    assert passes[0] != passes[1] and sorted(passes[0]) == sorted(passes[1]) == list(range(30))
+    other = as_source(base.shuffle(seed=3, buffer_size=8))  # another object: another process
+    assert [r["x"] for r in other.open(shard=0, num_shards=1, epoch=1, start=0, seed=0)] == passes[1]

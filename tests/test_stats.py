@@ -180,3 +180,28 @@ def test_evaluate_domains_rejects_bad_input_with_a_clear_message(kwargs, error, 
     loss_fn = kwargs.pop("loss_fn", lambda b: b)
     with pytest.raises(error, match=match):
         evaluate_domains(loss_fn, **kwargs)
+
+
+def test_evaluate_domains_credits_each_loader_to_the_domain_it_is_keyed_by_whatever_the_dict_order():
+    loaders = {"math": [torch.full((2,), 3.0)], "web": [torch.full((4,), 1.0)]}  # not in DOMAINS order
+    loss_sum, count = evaluate_domains(lambda b: b, loaders, domains=DOMAINS)
+    assert loss_sum.tolist() == [4.0, 0.0, 6.0]
+    assert count.tolist() == [4.0, 0.0, 2.0]
+
+
+def test_import_odm_is_light_and_gives_odm_stats_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, odm\n"
+        "heavy = ('torchmetrics', 'lightning', 'transformers', 'matplotlib', 'odm.stats')\n"
+        "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+        "import torch\n"
+        "loss_sum, count = odm.stats.evaluate_domains(lambda b: b, {'b': [torch.ones(2)]}, domains=['a', 'b'])\n"
+        "assert count.tolist() == [0.0, 2.0]\n"
+        "assert 'torchmetrics' not in sys.modules, 'evaluate_domains needs only torch'\n"
+        "assert odm.stats.DomainLoss.__name__ == 'DomainLoss'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

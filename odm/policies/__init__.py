@@ -12,7 +12,15 @@ from odm.policies import ado, aioli, bandits, doremi, dynamix, odm_exp3, prior, 
 from odm.policies.ado import *  # noqa: F403 (ADO)
 from odm.policies.aioli import *  # noqa: F403 (Aioli)
 from odm.policies.bandits import *  # noqa: F403 (EXP3, EXP3S)
-from odm.policies.base import EVAL_LOSS, REFERENCE_LOSS, TRAIN_LOSS, DomainStats, Policy, check_proportions
+from odm.policies.base import (
+    EVAL_LOSS,
+    REFERENCE_LOSS,
+    TRAIN_LOSS,
+    DomainStats,
+    Policy,
+    check_proportions,
+    check_stats,
+)
 from odm.policies.constraints import Constraints
 from odm.policies.doremi import *  # noqa: F403 (DoReMi)
 from odm.policies.dynamix import *  # noqa: F403 (DynamixSFT)
@@ -24,7 +32,7 @@ from odm.policies.static import Fixed, Natural, Temperature, Uniform
 from odm.policies.ucb import *  # noqa: F403 (UCB1, DiscountedUCB, SlidingWindowUCB)
 from odm.policies.velocitune import *  # noqa: F403 (Velocitune)
 
-# Each family module (one file per family, see ARCHITECTURE.md) lists its public policies in __all__; the
+# Each family module (one file per family, see docs/architecture.md) lists its public policies in __all__; the
 # registry below finds every Policy subclass with a `name`, so a new policy needs no edit here.
 _FAMILIES = (bandits, odm_exp3, ucb, prior, scheduled, aioli, ado, doremi, skillit, dynamix, velocitune)
 
@@ -41,8 +49,10 @@ __all__ = [
     "Temperature",
     "Uniform",
     "check_proportions",
+    "check_stats",
     "default_policy_names",
     "get_policy",
+    "policy_class",
     "policy_names",
 ]
 
@@ -57,13 +67,34 @@ def _all_subclasses(cls: type) -> list[type[Policy]]:
 
 
 # Every policy class that sets a `name`. Classes that need data (Fixed, Natural) are listed too: their name gives
-# a clear error asking for an instance.
+# a clear error asking for an instance. Private: use policy_names() / policy_class() / get_policy().
 _REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in _all_subclasses(Policy) if cls.name}
 
 
 def policy_names() -> list[str]:
-    """Names accepted by :func:`get_policy` (and by ``policy=`` everywhere)."""
+    """Names accepted by :func:`get_policy` (and by ``policy=`` everywhere).
+
+    Example:
+        >>> {"dynamix", "velocitune", "odm"} <= set(policy_names())
+        True
+    """
     return sorted(_REGISTRY)
+
+
+def policy_class(name: str) -> type[Policy]:
+    """The policy class registered under ``name`` (e.g. to inspect its signature or ``requires``).
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones).
+
+    Example:
+        >>> policy_class("exp3s").__name__
+        'EXP3S'
+    """
+    key = name.lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(policy_names())}")
+    return _REGISTRY[key]
 
 
 def default_policy_names() -> list[str]:
@@ -96,10 +127,7 @@ def get_policy(policy: str | Policy, **kwargs: Any) -> Policy:
             raise TypeError("keyword arguments are only accepted with a policy name, not a Policy instance")
         return policy
     if isinstance(policy, str):
-        key = policy.lower().replace("-", "_")
-        if key not in _REGISTRY:
-            raise ValueError(f"unknown policy {policy!r}; known policies: {', '.join(policy_names())}")
-        cls = _REGISTRY[key]
+        cls = policy_class(policy)
         try:
             return cls(**kwargs)
         except TypeError as err:

@@ -3,7 +3,7 @@
 Chen et al. 2024, "Aioli: A Unified Optimization Framework for Language Model Data Mixing". Within a round the
 held-out losses are modelled as moving linearly with the mixture, ``L^{t+1} = L^t − A·p^t``; the policy
 estimates ``A`` online with short probe phases on the live model and takes an exponentiated-gradient step on
-the total predicted decrease. See ALGORITHMS.md, "Aioli".
+the total predicted decrease. See ``docs/algorithms.md``, "Aioli".
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ from typing import Any
 import numpy as np
 
 from odm._checks import check_choice, check_float, check_int, check_seed
+from odm.policies.aioli_estimate import (
+    AioliEstimator,
+    aioli_normalize,
+    aioli_unsmooth,
+    probe_batch_mixture,
+    probe_mixture,
+)
 from odm.policies.base import EVAL_LOSS, TRAIN_LOSS, DomainStats, Policy, check_proportions
 
 __all__ = ["Aioli", "aioli_normalize", "aioli_unsmooth", "probe_batch_mixture", "probe_mixture"]
@@ -26,60 +33,6 @@ _PRIOR, _AWAIT, _PROBE, _MAIN = "prior", "await_eval", "probe", "main"
 _MATCH_TOL = 1e-6
 # Longest publish-to-draw delay (in updates) the probe pipelining plans for.
 _MAX_LAG = 256
-
-
-def probe_mixture(j: int, num_domains: int, weight: float) -> np.ndarray:
-    """The LearnParams probe mixture ``m_j``: ``weight`` on domain ``j``, ``(1 − weight)/(K − 1)`` on the others."""
-    if num_domains == 1:
-        return np.ones(1)
-    m = np.full(num_domains, (1.0 - weight) / (num_domains - 1))
-    m[j] = weight
-    return m
-
-
-# Tie-break nudge of the probe batches' off-target entries (far below _MATCH_TOL even summed over K² entries).
-_NUDGE = 1e-10
-
-
-def probe_batch_mixture(j: int, num_domains: int, weight: float, rotation: int) -> np.ndarray:
-    """``m_j`` with its off-target entries nudged so that largest-remainder rounding hands the spare samples
-    of a batch to the off-target domains in an order rotated by ``rotation`` (not always the lowest indices).
-
-    The nudges (``≤ K·1e-10``) change no count except among tied remainders, and a realised count stays within
-    one of ``m_j·B``: over the steps of a probe the off-target mass is then spread over every domain.
-    """
-    m = probe_mixture(j, num_domains, weight)
-    off = [i for i in range(num_domains) if i != j]
-    for rank in range(len(off)):
-        m[off[(rotation + rank) % len(off)]] += (len(off) - rank) * _NUDGE
-    return m / m.sum()
-
-
-def aioli_unsmooth(d: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Solves ``D = A·Wᵀ`` for ``A`` (``D[:, j]`` the loss drops of probe ``j``, ``W[j]`` its mixture).
-
-    Falls back to least squares when ``W`` is singular (e.g. two probes realised the same counts).
-    """
-    try:
-        at = np.linalg.solve(w, d.T)
-    except np.linalg.LinAlgError:
-        at = np.linalg.lstsq(w, d.T, rcond=None)[0]
-    return at.T
-
-
-def aioli_normalize(a: np.ndarray) -> np.ndarray:
-    """Ā: shift by ``min(A)`` when it is negative, then divide by the sum of all entries (0 stays 0)."""
-    a = a.astype(np.float64, copy=True)
-    lo = a.min()
-    if lo < 0:
-        a -= lo
-    total = a.sum()
-    return a / total if total > 0 else np.zeros_like(a)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
 
 
 class Aioli(Policy):
@@ -133,9 +86,8 @@ class Aioli(Policy):
         round_steps: ``U``, updates per round (probes included); must be ``≥ R·K·s`` (checked at bind).
             ``None`` (default): ``max(250, 2·R·K·s)`` — the authors' 250 for few domains, and rounds that keep
             at least half their updates for exploitation when K is large (K = 22 with the defaults: 704).
-            Kept for long runs; in short ones probes dominate: on ``benchmarks/quality.py`` (K = 12, 800 steps,
-            3 seeds) the default ended +0.28 bits per byte behind uniform and ``round_steps=100, sweeps=1,
-            probe_steps=2`` +0.14, so pass those below a few thousand steps.
+            Meant for long runs: below a few thousand steps the probes dominate; pass e.g. ``round_steps=100,
+            sweeps=1, probe_steps=2`` there (evidence in ``docs/policies.md``).
         sweeps: ``R``, random permutations of the domains per round.
         probe_steps: ``s``, updates drawn under each probe mixture.
         probe_weight: ``f ∈ (0, 1]``, weight of the probed domain (``≠ 1/K``: the probes would coincide).
@@ -218,7 +170,17 @@ class Aioli(Policy):
         p0 = self.prior if self.prior is not None else np.full(k, 1.0 / k)
         base = p0 if self.start_from == "prior" else np.full(k, 1.0 / k)
         with np.errstate(divide="ignore"):
-            self._log_base = np.log(base)
+            log_base = np.log(base)
+        self._est = AioliEstimator(
+            k,
+            log_base,
+            eta=self.eta,
+            ema=self.ema,
+            normalize=self.normalize,
+            sweeps=self.sweeps,
+            probe_steps=self.probe_steps,
+            unsmooth=self.unsmooth,
+        )
         self._p0 = p0
         self._p = p0.copy()
         self._exact = False  # whether the published proportions are a probe mixture
@@ -230,17 +192,11 @@ class Aioli(Policy):
         self._probe_count = 0  # updates of this probe drawn under its mixture
         self._waited = 0  # updates this probe has waited for its mixture to be drawn
         self._by_time = False  # the mixer alters the mixtures: count probe steps by time
-        self._lag = 0  # learned publish-to-draw delay, in updates
+        self._lag = 0  # publish-to-draw delay, in updates: given (set_publish_delay) or learned
+        self._lag_known = False
         self._changes: list[tuple[int, list[float]]] = []  # published changes of mixture not yet observed
         self._observed = p0.tolist()  # the mixture the latest batches were drawn under
         self._recent: list[list[float]] = []  # mixtures published at the latest updates, oldest first
-        self._w_acc = np.zeros(k)
-        self._d_sum = np.zeros((k, k))
-        self._w_sum = np.zeros((k, k))
-        self._l_prev = np.zeros(k)
-        self._log_w = self._log_base.copy()  # cumulative mode
-        self._ema = np.zeros((k, k))  # EMA mode: E
-        self._estimate: np.ndarray | None = None
         self._warned_eval = False
         self._orders: dict[int, np.ndarray] = {}
 
@@ -248,22 +204,17 @@ class Aioli(Policy):
         *("phase", "exact", "updates", "round", "round_pos", "probe", "probe_count"),
         *("waited", "by_time", "lag", "changes", "observed", "recent"),
     )
-    _ARRAYS = ("w_acc", "d_sum", "w_sum", "l_prev", "log_w", "ema")
 
     def _get_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {key: copy.deepcopy(getattr(self, "_" + key)) for key in self._KEYS}
-        for key in self._ARRAYS:
-            state[key] = getattr(self, "_" + key).tolist()
-        state["estimate"] = None if self._estimate is None else self._estimate.tolist()
+        state.update(self._est.state())  # one flat layout: checkpoints of the unsplit policy still load
         return state
 
     def _set_state(self, state: dict[str, Any]) -> None:
         for key in self._KEYS:
             setattr(self, "_" + key, copy.deepcopy(state[key]))
         self._changes = [(int(u), list(m)) for u, m in self._changes]
-        for key in self._ARRAYS:
-            setattr(self, "_" + key, np.array(state[key], dtype=np.float64))
-        self._estimate = None if state["estimate"] is None else np.array(state["estimate"], dtype=np.float64)
+        self._est.load(state)
 
     # -- public face ---------------------------------------------------------------------------------------
     @property
@@ -275,12 +226,12 @@ class Aioli(Policy):
     @property
     def estimate(self) -> np.ndarray | None:
         """The last round's ``Ā`` (``A`` when ``normalize=False``); None before the first round ends."""
-        return None if self._estimate is None else self._estimate.copy()
+        return None if self._est.estimate is None else self._est.estimate.copy()
 
     @property
     def ema_estimate(self) -> np.ndarray:
         """``E``, the EMA of the estimates (EMA mode; zeros otherwise)."""
-        return self._ema.copy()
+        return self._est.ema.copy()
 
     @property
     def main_proportions(self) -> np.ndarray:
@@ -296,6 +247,13 @@ class Aioli(Policy):
     def exact_counts(self) -> bool:
         return self._exact
 
+    def set_publish_delay(self, delay: int) -> None:
+        """The publish delay in updates, from the mixer: proportions published at update ``u`` are first drawn
+        in update ``u + delay + 1``. Probes are pipelined by it from the first one, instead of learning it from
+        the first change of mixture drawn (which still runs when no delay is given)."""
+        self._lag = check_int(delay, "delay", low=0, high=_MAX_LAG - 1)
+        self._lag_known = True
+
     def wants_eval(self, step: int) -> bool:
         if self._phase == _PRIOR:
             return self._updates + 1 >= self.prior_steps
@@ -309,11 +267,8 @@ class Aioli(Policy):
         return self._probe_count + 1 >= self.probe_steps
 
     def update(self, stats: DomainStats) -> None:
-        k = self.num_domains
-        if stats.num_domains != k:
-            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
-        if not (np.all(np.isfinite(stats.count)) and np.all(np.isfinite(stats.proportions))):
-            warnings.warn("odm: Aioli skipped an update with non-finite counts or proportions", RuntimeWarning, 2)
+        # An evaluation-only update (no samples, finite) is usable here: it can open a round.
+        if not self._usable(stats, losses=False) and stats.count.sum() != 0:
             return
         ev = self._eval_of(stats)
         total = stats.count.sum()
@@ -396,6 +351,8 @@ class Aioli(Policy):
 
     def _learn_lag(self, drawn: np.ndarray) -> None:
         """Measures the delay when the batches of this update are drawn under a newly published mixture."""
+        if self._lag_known:
+            return
         if np.max(np.abs(drawn - np.asarray(self._observed))) <= _MATCH_TOL:
             return
         for i, (published_at, mixture) in enumerate(self._changes):
@@ -428,29 +385,23 @@ class Aioli(Policy):
             self._start_round(ev)
 
     def _main_proportions(self) -> np.ndarray:
-        if self.ema is None:
-            return _softmax(self._log_w)
-        return _softmax(self._log_base + self.eta * self._ema.sum(axis=0))
+        return self._est.proportions()
 
     def _start_round(self, l_now: np.ndarray) -> None:
-        k = self.num_domains
         self._round += 1
         self._phase = _PROBE
         self._probe = 0
         self._probe_count = 0
         self._waited = 0
         self._round_pos = 0
-        self._w_acc = np.zeros(k)
-        self._d_sum = np.zeros((k, k))
-        self._w_sum = np.zeros((k, k))
-        self._l_prev = l_now.copy()
+        self._est.start_round(l_now)
 
     def _probe_update(self, realised: np.ndarray, drawn_under: np.ndarray, ev: np.ndarray | None) -> None:
         order = self._order_of(self._round)
         j = int(order[self._probe])
         m = probe_mixture(j, self.num_domains, self.probe_weight)
         self._round_pos += 1
-        self._w_acc += realised
+        self._est.observe(realised)
         if self._by_time or np.max(np.abs(drawn_under - m)) <= _MATCH_TOL:
             self._probe_count += 1
         elif self._probe_count == 0:
@@ -478,31 +429,15 @@ class Aioli(Policy):
                     stacklevel=3,
                 )
             return
-        self._d_sum[:, j] += self._l_prev - ev
-        self._w_sum[j] += self._w_acc / self.probe_steps if self.unsmooth == "realised" else m
-        self._l_prev = ev
+        self._est.end_probe(j, ev, m)
         self._probe += 1
         self._probe_count = 0
         self._waited = 0
-        self._w_acc = np.zeros(self.num_domains)
         if self._probe == len(order):
             self._finish_round(ev)
 
     def _finish_round(self, l_now: np.ndarray) -> None:
-        a = aioli_unsmooth(self._d_sum / self.sweeps, self._w_sum / self.sweeps)
-        if self.normalize:
-            a = aioli_normalize(a)
-        if np.all(np.isfinite(a)):
-            first = self._estimate is None
-            self._estimate = a
-            if self.ema is None:
-                self._log_w = self._log_w + self.eta * a.sum(axis=0)
-                self._log_w -= self._log_w.max()  # keeps millions of rounds finite
-            elif first:
-                self._ema = a.copy()  # E₁ = Ā₁, as the authors' code starts it (not (1−β)·Ā₁ from E₀ = 0)
-            else:
-                self._ema = (1.0 - self.ema) * a + self.ema * self._ema
-        else:
+        if not self._est.end_round():
             warnings.warn("odm: Aioli's estimate of A is not finite; the proportions are kept", RuntimeWarning, 3)
         self._phase = _MAIN
         if self._round_pos >= self.round_steps:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -43,9 +43,29 @@ from odm._checks import check_choice as _check_choice
 from odm._checks import check_float
 from odm.policies.base import DomainStats, Policy, check_proportions
 
-__all__ = ["EXP3", "EXP3S", "exp3_update", "exp3s_update", "importance_estimates", "scaled_rewards"]
+__all__ = [
+    "EXP3",
+    "EXP3S",
+    "RewardOptions",
+    "exp3_update",
+    "exp3s_update",
+    "importance_estimates",
+    "loss_rewards",
+    "scaled_rewards",
+]
 
 REWARDS = ("loss", "progress")
+
+
+class RewardOptions(TypedDict, total=False):
+    """The reward arguments every bandit takes as keywords (see :class:`BanditPolicy`): declared once here."""
+
+    reward: str
+    loss_smoothing: float
+    progress_smoothing: float
+    scale_decay: float
+
+
 # Smallest proportion used as an importance-weight denominator (a domain drawn under p = 0 can only come from
 # an override; it must not turn into a division by zero).
 MIN_PROPORTION = 1e-12
@@ -67,41 +87,24 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return _check_choice(value, name, choices)
 
 
-def usable_stats(stats: DomainStats, num_domains: int, policy: str) -> bool:
-    """Checks the shapes of ``stats``; returns False (with a warning) when a drawn domain has a non-finite loss.
-
-    Raises:
-        ValueError: if the arrays do not have one entry per domain.
-    """
-    for field in ("loss_sum", "count", "proportions"):
-        shape = np.shape(getattr(stats, field))
-        if shape != (num_domains,):
-            raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
-    # Fast path (the mixer's stats are always finite): one sum propagates any NaN or inf.
-    if math.isfinite(float(stats.loss_sum.sum()) + float(stats.count.sum())):
-        return bool(stats.count.any())
-    bad = stats.observed & ~np.isfinite(stats.loss_sum)
-    if bad.any() or not np.all(np.isfinite(stats.count)):
-        warnings.warn(
-            f"odm: {policy} skipped update {stats.step}: non-finite loss for domain(s) "
-            f"{np.flatnonzero(bad).tolist()}; its state is unchanged",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return bool(stats.observed.any())
-
-
 # -- pure functions -------------------------------------------------------------------------------------------
 def importance_estimates(values: np.ndarray, count: np.ndarray, proportions: np.ndarray) -> np.ndarray:
     """Importance-weighted estimates ``x̂_i = x_i·s_i/p_i`` for pulled domains (``s_i`` their sample share), 0
     for the others. ``values`` may hold NaN where ``count == 0``."""
-    total = count.sum()
+    total = float(count.sum())
+    if total > 0 and math.isfinite(float(values.sum())):
+        # Hot path: finite values (0 where not pulled, as the rewards are): no masking needed.
+        return values * count / (total * np.maximum(proportions, MIN_PROPORTION))
     share = count / total if total > 0 else np.zeros_like(count)
     pulled = count > 0
     with np.errstate(invalid="ignore"):
         est = values * share / np.maximum(proportions, MIN_PROPORTION)
     return np.where(pulled, est, 0.0)
+
+
+def _estimates(rewards: np.ndarray, count: np.ndarray, total: float, proportions: np.ndarray) -> np.ndarray:
+    """:func:`importance_estimates` for rewards known finite (0 where not pulled) and a checked ``total``."""
+    return rewards * count / (total * np.maximum(proportions, MIN_PROPORTION))
 
 
 def scaled_rewards(
@@ -158,6 +161,28 @@ def scaled_rewards(
     return np.where(pulled, rewards, 0.0), new_smoothed, new_progress, new_scale, new_offset
 
 
+def loss_rewards(
+    loss_sum: np.ndarray, count: np.ndarray, scale: float, offset: float, scale_decay: float
+) -> tuple[np.ndarray, float, float]:
+    """The ``"loss"`` branch of :func:`scaled_rewards` in a few numpy calls (the hot path of every loss
+    bandit): ``clip((L − m)/M, 0, 1)`` for pulled domains, 0 for the others.
+
+    Returns:
+        ``(rewards, scale, offset)``.
+    """
+    pulled = count > 0
+    loss = np.divide(loss_sum, count, out=np.zeros_like(loss_sum), where=pulled)
+    low = float(loss.min())
+    if low < 0 or offset < 0:
+        offset = min(scale_decay * offset, low, 0.0)
+        loss = np.where(pulled, loss - offset, 0.0)
+    # Every entry is now >= 0, so the largest |raw| is the largest entry.
+    scale = max(scale_decay * scale, float(loss.max()))
+    if scale <= 0:
+        return np.zeros_like(loss), scale, offset
+    return np.minimum(loss * (1.0 / scale), 1.0), scale, offset
+
+
 def logsumexp(x: np.ndarray) -> float:
     """``ln Σ exp(x_i)``, shifted by the maximum (``np.logaddexp.reduce`` is exact too, but ~10x slower)."""
     top = float(x.max())
@@ -182,9 +207,13 @@ def exp3_update(
     """
     g = gains + estimates
     g -= g.max()
-    z = eta * g if log_prior is None else eta * g + log_prior
-    w = np.exp(z - z.max())
-    p = (1.0 - gamma) * (w / w.sum()) + gamma / g.shape[0]
+    if log_prior is None:
+        w = np.exp(eta * g)  # max(η·G) = 0 already: no second shift
+    else:
+        z = eta * g + log_prior
+        w = np.exp(z - z.max())
+    p = w * ((1.0 - gamma) / float(w.sum()))
+    p += gamma / g.shape[0]
     return g, p
 
 
@@ -241,22 +270,29 @@ class BanditPolicy(Policy):
         self.scale_decay = check_rate("scale_decay", scale_decay, upper=1.0)
 
     def _init_rewards(self, num_domains: int) -> None:
-        self._smoothed_loss = np.full(num_domains, np.nan)
+        # The loss reward never reads the smoothed loss (NaN = "not pulled yet" feeds the progress reward only):
+        # zeros keep NaN out of its checkpoints, so equal states compare equal.
+        self._smoothed_loss = np.full(num_domains, np.nan) if self.reward == "progress" else np.zeros(num_domains)
         self._progress = np.zeros(num_domains)
         self._scale = 0.0
         self._offset = 0.0
         self._warned_negative = False
 
     def _rewards(self, stats: DomainStats) -> np.ndarray:
-        if self.reward == "loss" and not self._warned_negative and float(stats.loss_sum.min()) < 0:
-            self._warned_negative = True
-            warnings.warn(
-                f"odm: {type(self).__name__} got a negative loss with reward='loss' (log-likelihoods?); losses are "
-                "shifted by their running minimum so that rewards stay informative. Pass losses where lower is "
-                "better and non-negative (e.g. cross-entropy), or use reward='progress'",
-                RuntimeWarning,
-                stacklevel=3,
+        if self.reward == "loss":  # the smoothed loss only feeds the progress reward
+            rewards, self._scale, self._offset = loss_rewards(
+                stats.loss_sum, stats.count, self._scale, self._offset, self.scale_decay
             )
+            if self._offset < 0 and not self._warned_negative:  # the offset turns negative with the first one
+                self._warned_negative = True
+                warnings.warn(
+                    f"odm: {type(self).__name__} got a negative loss with reward='loss' (log-likelihoods?); losses "
+                    "are shifted by their running minimum so that rewards stay informative. Pass losses where lower "
+                    "is better and non-negative (e.g. cross-entropy), or use reward='progress'",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return rewards
         rewards, self._smoothed_loss, self._progress, self._scale, self._offset = scaled_rewards(
             stats.mean_loss,
             stats.observed,
@@ -315,16 +351,10 @@ class EXP3(BanditPolicy):
         *,
         eta: float | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.gamma = check_rate("gamma", gamma, upper=1.0)
         self.eta = None if eta is None else check_rate("eta", eta)
@@ -354,9 +384,10 @@ class EXP3(BanditPolicy):
         self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if not usable_stats(stats, self.num_domains, type(self).__name__):
+        total = self._usable(stats)
+        if not total:
             return
-        estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
+        estimates = _estimates(self._rewards(stats), stats.count, total, stats.proportions)
         self._gains, self._p = exp3_update(self._gains, estimates, self.gamma, self._learning_rate(), self._log_prior)
 
     def _get_state(self) -> dict[str, Any]:
@@ -378,14 +409,9 @@ class EXP3S(EXP3):
         eta: learning rate ``η > 0``; default ``γ/K`` (Auer et al.).
         prior: initial weights ``π``, to which the shared weight also flows back (normalised, every entry > 0);
             default uniform.
-        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. Evidence for the
-            choice: on ``benchmarks/quality.py`` at full size (12 real domains, 800 steps, 3 seeds), against
-            uniform: ``"progress"`` −0.018 ± 0.013 bits per byte (every seed), ``"loss"`` −0.015 ± 0.013; EXP3
-            −0.022 ± 0.028 vs +0.002 ± 0.016; from natural proportions (``prior=``) −0.049 ± 0.030, as good as
-            natural proportions alone (−0.046). On the demo's noise domain ``"loss"`` spends 0.59 of the samples
-            on noise and ``"progress"`` 0.23. The default stays ``"loss"`` (the classic bandit, ODM's reward):
-            the benchmark's differences are within the seed noise; prefer ``"progress"`` when a domain may be
-            unlearnable.
+        reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. The default reward
+            is ``"loss"`` (the classic bandit, ODM's reward); prefer ``"progress"`` when a domain may be
+            unlearnable (evidence in ``docs/policies.md``).
 
     Example:
         >>> from odm.policies import DomainStats
@@ -404,19 +430,13 @@ class EXP3S(EXP3):
         alpha: float = 1e-3,
         eta: float | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             gamma,
             eta=eta,
             prior=prior,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.alpha = check_open_unit("alpha", alpha)
 
@@ -427,9 +447,10 @@ class EXP3S(EXP3):
         self._p = self._initial_proportions(num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if not usable_stats(stats, self.num_domains, type(self).__name__):
+        total = self._usable(stats)
+        if not total:
             return
-        estimates = importance_estimates(self._rewards(stats), stats.count, stats.proportions)
+        estimates = _estimates(self._rewards(stats), stats.count, total, stats.proportions)
         self._log_weights, self._p = exp3s_update(
             self._log_weights, estimates, self.gamma, self._learning_rate(), self.alpha, self._log_prior
         )

@@ -8,6 +8,9 @@ only: never tensors, devices, ranks or workers.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -16,7 +19,7 @@ import numpy as np
 
 from odm._checks import is_int
 
-__all__ = ["EVAL_LOSS", "REFERENCE_LOSS", "TRAIN_LOSS", "DomainStats", "Policy", "check_proportions"]
+__all__ = ["EVAL_LOSS", "REFERENCE_LOSS", "TRAIN_LOSS", "DomainStats", "Policy", "check_proportions", "check_stats"]
 
 # Signals a policy may require (``Policy.requires``).
 TRAIN_LOSS = "train_loss"  # per-domain training-loss sums and counts, every step
@@ -33,7 +36,7 @@ class DomainStats:
         count: ``(K,)`` number of samples (or total weight) behind ``loss_sum``; 0 for a domain not drawn.
         proportions: ``(K,)`` the proportions the observed batches were actually drawn under (count-weighted
             over the batches of the update). Importance weights use these, not the newest proportions.
-        step: 1-based index of this update (``t`` in ALGORITHMS.md).
+        step: 1-based index of this update (``t`` in ``docs/algorithms.md``).
         num_samples: total samples seen by the run so far, this update included (ADO's ``n``).
         eval_loss: ``(K,)`` per-domain held-out mean loss, when an evaluation ran for this update.
         reference_loss: ``(K,)`` per-domain mean reference loss (DoReMi), when available.
@@ -155,6 +158,53 @@ def check_proportions(p: Any, num_domains: int | None = None, *, name: str = "pr
     return arr / arr.sum()
 
 
+def check_stats(stats: DomainStats, num_domains: int, policy: str, *, losses: bool = True) -> float:
+    """Whether ``stats`` can update a policy: checks the shapes, and skips (warning, state unchanged) an update
+    with a non-finite count, proportion or — with ``losses`` — a non-finite loss of a drawn domain.
+
+    Returns:
+        The update's total count ``Σ count`` (truthy), or 0.0 for a skipped update or one with no samples.
+
+    Raises:
+        ValueError: if an array does not have one entry per domain.
+    """
+    want = (num_domains,)
+    loss_sum, count, proportions = stats.loss_sum, stats.count, stats.proportions
+    if not (np.shape(loss_sum) == want and np.shape(count) == want and np.shape(proportions) == want):
+        for field in ("loss_sum", "count", "proportions"):
+            shape = np.shape(getattr(stats, field))
+            if shape != want:
+                raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
+    # Fast path (the mixer's stats are always finite): a sum and a dot product propagate any NaN or inf (inf·0
+    # is NaN); a finite overflow only sends the update down the exact path below.
+    total = float(count.sum())
+    if math.isfinite(total + float(loss_sum @ proportions if losses else proportions.sum())):
+        return total if total > 0 else 0.0
+    bad = stats.observed & ~np.isfinite(stats.loss_sum) if losses else np.zeros(num_domains, dtype=bool)
+    if bad.any() or not (np.all(np.isfinite(stats.count)) and np.all(np.isfinite(stats.proportions))):
+        what = f"non-finite loss for domain(s) {np.flatnonzero(bad).tolist()}" if bad.any() else "non-finite counts"
+        warnings.warn(
+            f"odm: {policy} skipped update {stats.step}: {what}; its state is unchanged", RuntimeWarning, stacklevel=3
+        )
+        return 0.0
+    return total if total > 0 else 0.0
+
+
+def _plain_config(value: Any) -> Any:
+    """A configuration value as plain, comparable Python (arrays as lists, callables by name)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain_config(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_config(v) for v in value]
+    if callable(value) and not isinstance(value, type):
+        return f"<callable {getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}>"
+    return value
+
+
 class Policy(ABC):
     """Base class of every mixing policy.
 
@@ -172,10 +222,63 @@ class Policy(ABC):
     requires: ClassVar[frozenset[str]] = frozenset({TRAIN_LOSS})
     #: Version of the ``state_dict`` layout; bump when it changes.
     state_version: ClassVar[int] = 1
+    _config_args: tuple[tuple[Any, ...], dict[str, Any]]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # The constructor's arguments, as given: config() reports them (with the defaults filled in).
+        obj = super().__new__(cls)
+        obj._config_args = (args, kwargs)
+        return obj
 
     def __init__(self) -> None:
         self._num_domains: int | None = None
         self._p: np.ndarray | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The constructor configuration: every constructor argument by name, defaults filled in, as plain
+        comparable values (arrays as lists, callables by qualified name).
+
+        Two policies built with the same arguments have equal configs; the mixer compares them across ranks.
+
+        Example:
+            >>> from odm.policies import EXP3
+            >>> EXP3(0.2).config()["gamma"], EXP3(0.2).config()["reward"]
+            (0.2, 'loss')
+        """
+        args, kwargs = getattr(self, "_config_args", ((), {}))
+        out: dict[str, Any] = {}
+        # Defaults of every constructor up the hierarchy (a subclass passes **options to its base), then the
+        # arguments given, bound to the class's own signature.
+        for klass in reversed(type(self).__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for param in inspect.signature(init).parameters.values():
+                if param.name != "self" and param.default is not inspect.Parameter.empty:
+                    out[param.name] = param.default
+        bound = inspect.signature(type(self).__init__).bind_partial(self, *args, **kwargs)
+        for name, value in bound.arguments.items():
+            param = inspect.signature(type(self).__init__).parameters[name]
+            if name == "self":
+                continue
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                out.update(value)
+            else:
+                out[name] = value
+        return {k: _plain_config(v) for k, v in sorted(out.items())}
+
+    def set_publish_delay(self, delay: int) -> None:  # noqa: B027 - optional hook
+        """Tells the policy how many updates pass between publishing proportions and observing batches drawn
+        under them: proportions published at update ``u`` are first drawn in the batches of update
+        ``u + delay + 1`` (the batches of the ``delay`` updates in between were already in flight). For a mixer
+        whose rows apply ``D`` batches after the publish and that updates every ``E`` steps of one batch each,
+        ``delay = ceil(D / E)`` (an update that mixes old and new batches counts as old). The mixer calls it
+        once after binding; most policies ignore it (the default does nothing)."""
+
+    def _usable(self, stats: DomainStats, *, losses: bool = True) -> float:
+        """:func:`check_stats` for this policy: shapes checked, a non-finite update skipped with a warning.
+        Returns the update's total count (0.0, falsy, when it cannot update the policy)."""
+        return check_stats(stats, self.num_domains, type(self).__name__, losses=losses)
 
     # -- binding ---------------------------------------------------------------------------------------------
     @property
@@ -245,6 +348,10 @@ class Policy(ABC):
     def _set_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         pass
 
+    def _check_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Refuses (``ValueError``) a decoded ``state`` that this policy's configuration cannot continue (e.g. a
+        state of another ODM variant). Called before anything is changed."""
+
     def state_dict(self) -> dict[str, Any]:
         """A plain, versioned dict: class, version, number of domains, proportions and the policy's state.
 
@@ -281,8 +388,9 @@ class Policy(ABC):
             raise ValueError(
                 f"{type(self).__name__} state_dict is for {num} domains, but this policy has {self.num_domains}"
             )
-        self.bind(num)
         state = from_plain(state_dict)
+        self._check_state(state["state"])
+        self.bind(num)
         self._p = np.array(state["proportions"], dtype=np.float64)
         self._set_state(state["state"])
 

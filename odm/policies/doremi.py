@@ -1,6 +1,6 @@
 """DoReMi, online: exponentiated-gradient domain weights driven by the excess loss over a reference model.
 
-Xie et al. 2023, "DoReMi: Optimizing Data Mixtures Speeds Up Language Model Pretraining". See ALGORITHMS.md,
+Xie et al. 2023, "DoReMi: Optimizing Data Mixtures Speeds Up Language Model Pretraining". See ``docs/algorithms.md``,
 "DoReMi, online".
 """
 
@@ -62,9 +62,7 @@ class DoReMi(Policy):
 
     Args:
         eta: ``η > 0``, step size. Default 0.1, not the authors' 1.0 (tuned for proxy training with loss
-            weights): sampling online on ``benchmarks/quality.py`` (12 real domains, 800 steps, 3 seeds, reference
-            = uniform's losses) ``η = 1`` ended +0.20 ± 0.11 bits per byte behind uniform and ``η = 0.1`` +0.008
-            ± 0.012; on the demo's scale ``η = 1`` swings to one domain within a few updates.
+            weights, not online sampling; evidence in ``docs/policies.md``).
         smoothing: ``c ∈ [0, 1]``, weight of the uniform mixture (1e-3 in the authors' runs).
         reference: per-domain reference losses ``(K,)``, or a callable ``step -> (K,)`` (``stats.step``), e.g.
             a lookup into a reference run's loss curve. When an update carries ``stats.reference_loss`` (the
@@ -173,14 +171,14 @@ class DoReMi(Policy):
         return ref
 
     def update(self, stats: DomainStats) -> None:
-        k = self.num_domains
-        if stats.num_domains != k:
-            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
+        # An update with no samples still steps: absent domains keep their previous excess.
+        if not self._usable(stats) and stats.count.sum() != 0:
+            return
         ref = self._reference(stats)
         mean = stats.mean_loss
         seen = stats.observed
         if not (np.all(np.isfinite(mean[seen])) and np.all(np.isfinite(ref[seen]))):
-            warnings.warn("odm: DoReMi skipped an update with non-finite losses", RuntimeWarning, stacklevel=2)
+            warnings.warn("odm: DoReMi skipped an update with non-finite reference losses", RuntimeWarning, 2)
             return
         self._excess = np.where(seen, np.maximum(np.where(seen, mean, 0.0) - ref, 0.0), self._excess)
         assert self._p is not None

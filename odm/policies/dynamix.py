@@ -155,10 +155,8 @@ class DynamixSFT(Policy):
 
     def update(self, stats: DomainStats) -> None:
         k = self.num_domains
-        if stats.num_domains != k:
-            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
-        if not (np.all(np.isfinite(stats.count)) and np.all(np.isfinite(stats.proportions))):
-            warnings.warn("odm: DynamixSFT skipped an update with non-finite counts", RuntimeWarning, stacklevel=2)
+        # An evaluation-only update (no samples, finite) still carries a reward.
+        if not self._usable(stats, losses=False) and stats.count.sum() != 0:
             return
         total = stats.count.sum()
         self._counts = self._counts + stats.count

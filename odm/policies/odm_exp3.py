@@ -1,6 +1,6 @@
 """ODM: EXP3 with smoothed loss rewards (Albalak et al. 2023, "Efficient Online Data Mixing").
 
-Two variants, chosen by ``variant=`` (ALGORITHMS.md, "ODM"):
+Two variants, chosen by ``variant=`` (``docs/algorithms.md``, "ODM"):
 
 * ``"paper"`` (Algorithm 1 of the paper): importance-weighted, EMA-smoothed reward estimates and an EXP3
   policy whose learning rate is the previous exploration rate,
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from odm._checks import check_int
-from odm.policies.bandits import MIN_PROPORTION, check_choice, check_open_unit, usable_stats
+from odm.policies.bandits import MIN_PROPORTION, check_choice, check_open_unit
 from odm.policies.base import DomainStats, Policy, check_proportions
 
 __all__ = ["ODM", "exploration_rate", "odm_paper_update", "odm_released_update"]
@@ -64,6 +64,7 @@ def odm_paper_update(
     step: int,
     alpha: float,
     num_batches: int = 1,
+    total: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper variant of one ODM update (Albalak et al. 2023, Algorithm 1).
 
@@ -76,11 +77,15 @@ def odm_paper_update(
     """
     k = estimates.shape[0]
     # G·S_i / (N·π_i) = Σ over the G micro-batches of share_{b,i}·mean_{b,i} / π_i, in one division
-    weighted = loss_sum * (num_batches / count.sum()) / np.maximum(proportions, MIN_PROPORTION)
+    n = float(count.sum()) if total is None else total
+    weighted = loss_sum * (num_batches / n) / np.maximum(proportions, MIN_PROPORTION)
     new = np.where(count > 0, alpha * estimates + (1.0 - alpha) * weighted, estimates)
-    logits = exploration_rate(step, k) * new
+    eps, lr = exploration_rate(step + 1, k), exploration_rate(step, k)
+    if eps * k >= 1.0:  # ε = 1/K: exactly uniform, whatever the estimates (t ≤ K·ln K)
+        return new, np.full(k, eps)
+    logits = lr * new
     w = np.exp(logits - logits.max())
-    return new, _mix(w / w.sum(), exploration_rate(step + 1, k))
+    return new, _mix(w * (1.0 / float(w.sum())), eps)
 
 
 def odm_released_update(
@@ -120,10 +125,8 @@ class ODM(Policy):
     ``≥ ε_t``; during the warm-up they are the initial proportions and nothing is learned.
 
     Args:
-        variant: ``"paper"`` (Algorithm 1 of the paper, the default) or ``"released"`` (the authors' scripts).
-            The default is chosen on ``benchmarks/quality.py`` (12 real domains, 3 seeds, 600 steps): paper
-            −0.014 ± 0.029 bits per byte against uniform, released +0.011 ± 0.011; in the demo the released rule
-            spends 0.74 of the samples on an unlearnable noise domain, the paper rule 0.27.
+        variant: ``"paper"`` (Algorithm 1 of the paper, the default) or ``"released"`` (the authors' scripts);
+            the released rule chases an unlearnable domain much harder (evidence in ``docs/policies.md``).
         alpha: smoothing ``α ∈ (0, 1)`` (weight on the old estimate). Default: 0.9 for ``"paper"`` (our choice),
             0.5 for ``"released"`` (the released scripts).
         warmup_steps: updates (``stats.step ≤ warmup_steps``) ignored at the start; the paper uses 1% of the
@@ -166,7 +169,10 @@ class ODM(Policy):
         self._p = self._initial.copy() if self._initial is not None else np.full(num_domains, 1.0 / num_domains)
 
     def update(self, stats: DomainStats) -> None:
-        if stats.step <= self.warmup_steps or not usable_stats(stats, self.num_domains, "ODM"):
+        if stats.step <= self.warmup_steps:
+            return
+        total = self._usable(stats)
+        if not total:
             return
         if self.variant == "paper":
             self._estimates, self._p = odm_paper_update(
@@ -177,6 +183,7 @@ class ODM(Policy):
                 stats.step,
                 self.alpha,
                 stats.num_batches,
+                total,
             )
         else:
             self._estimates, self._p = odm_released_update(
@@ -186,16 +193,9 @@ class ODM(Policy):
     def _get_state(self) -> dict[str, Any]:
         return {"variant": self.variant, "estimates": self._estimates.copy()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a state saved by :meth:`state_dict`.
-
-        Raises:
-            ValueError: a state of another policy, version, number of domains or ODM variant.
-        """
-        saved = state_dict.get("state", {}).get("variant", self.variant)
-        if state_dict.get("policy") == type(self).__name__ and saved != self.variant:
-            raise ValueError(f"ODM state_dict is for variant {saved!r}, this policy is {self.variant!r}")
-        super().load_state_dict(state_dict)
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if state.get("variant", self.variant) != self.variant:
+            raise ValueError(f"ODM state_dict is for variant {state['variant']!r}, this policy is {self.variant!r}")
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._estimates = np.array(state["estimates"], dtype=np.float64)

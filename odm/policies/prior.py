@@ -11,7 +11,7 @@ it, pooled over all samples of the domain,
 where ``N(c,x)`` counts the positions whose context (previous ``m`` symbols, within the same sample) is ``c``
 and symbol is ``x``, ``N(c) = Σ_x N(c,x)`` and ``N`` is the number of positions with a full context. Order 0
 is the plain unigram entropy. Symbols are UTF-8 bytes for ``str`` samples, bytes for ``bytes`` and token ids for
-integer sequences, so pass token ids to get the *token* entropy of ALGORITHMS.md. In nats. The plug-in
+integer sequences, so pass token ids to get the *token* entropy of ``docs/algorithms.md``. In nats. The plug-in
 estimate is biased low for small samples (more so for larger ``m``); use the same amount of text per domain.
 """
 

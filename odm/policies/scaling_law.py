@@ -1,6 +1,6 @@
 """Fitting power-law loss curves ``L̂(n) = e^E + e^a·n^{−α}`` per domain, and smoothing curves before the fit.
 
-ADO's scaling-law machinery (Jiang et al. 2024, ALGORITHMS.md "ADO"), kept apart from the policy: a batched
+ADO's scaling-law machinery (Jiang et al. 2024, ``docs/algorithms.md`` "ADO"), kept apart from the policy: a batched
 Huber fit in log space (Gauss-Newton from a grid of starting points, all domains at once) and Savitzky-Golay
 smoothing. Plain numpy, no policy state.
 """

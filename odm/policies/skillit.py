@@ -1,7 +1,7 @@
 """Skill-It, online: weight each domain by how much training on it lowers the held-out losses of the others.
 
 Chen et al. 2023, "Skill-it! A Data-Driven Skills Framework for Understanding and Training Language Models".
-See ALGORITHMS.md, "Skill-It, online".
+See ``docs/algorithms.md``, "Skill-It, online".
 """
 
 from __future__ import annotations

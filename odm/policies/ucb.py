@@ -20,12 +20,12 @@ rank breaks them the same way and a resume needs no generator state).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from odm._checks import check_int, check_seed
-from odm.policies.bandits import BanditPolicy, check_open_unit, check_rate, usable_stats
+from odm.policies.bandits import BanditPolicy, RewardOptions, check_open_unit, check_rate
 from odm.policies.base import DomainStats
 
 __all__ = [
@@ -46,6 +46,8 @@ _ZERO_COUNT = 1e-9
 def ucb_index(means: np.ndarray, pulls: np.ndarray, c: float) -> np.ndarray:
     """``u_i = r̄_i + c·sqrt(2·ln n / n_i)`` with ``n = max(Σ n_i, 1)``; ``+∞`` where ``n_i = 0``."""
     total = max(float(pulls.sum()), 1.0)
+    if float(pulls.min()) > 0:  # every arm pulled: the hot path, no masking
+        return means + c * np.sqrt((2.0 * math.log(total)) / pulls)
     with np.errstate(divide="ignore", invalid="ignore"):
         bonus = c * np.sqrt(2.0 * math.log(total) / pulls)
     return np.where(pulls > 0, means + bonus, np.inf)
@@ -54,9 +56,10 @@ def ucb_index(means: np.ndarray, pulls: np.ndarray, c: float) -> np.ndarray:
 def ucb_proportions(index: np.ndarray, gamma: float, *, seed: int, step: int) -> np.ndarray:
     """``(1−γ)·onehot(argmax u) + γ/K``; ties broken uniformly by a generator keyed on ``(seed, step)``."""
     k = index.shape[0]
-    best = np.flatnonzero(index == index.max())
-    choice = int(best[0])
-    if best.size > 1:
+    choice = int(index.argmax())
+    top = index[choice]
+    if np.count_nonzero(index == top) > 1:
+        best = np.flatnonzero(index == top)
         choice = int(best[np.random.default_rng((seed, step)).integers(best.size)])
     p = np.full(k, gamma / k)
     p[choice] += 1.0 - gamma
@@ -79,7 +82,7 @@ def ucb1_update(
     pulled = shares > 0
     new_pulls = pulls + shares
     if reward_smoothing is None:
-        weight = np.where(pulled, shares / np.where(pulled, new_pulls, 1.0), 0.0)
+        weight = np.divide(shares, new_pulls, out=np.zeros_like(shares), where=pulled)
     else:
         weight = np.where(pulls > 0, 1.0 - np.power(reward_smoothing, shares), 1.0)
         weight = np.where(pulled, weight, 0.0)
@@ -136,16 +139,10 @@ class _UCB(BanditPolicy):
         *,
         gamma: float,
         seed: int,
-        reward: str,
-        loss_smoothing: float,
-        progress_smoothing: float,
-        scale_decay: float,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.c = check_rate("c", c)
         self.gamma = check_rate("gamma", gamma, upper=1.0)
@@ -162,7 +159,7 @@ class _UCB(BanditPolicy):
         raise NotImplementedError
 
     def update(self, stats: DomainStats) -> None:
-        if not usable_stats(stats, self.num_domains, type(self).__name__):
+        if not self._usable(stats):
             return
         rewards = self._rewards(stats)
         self._means, self._pulls = self._statistics(rewards, _shares(stats.count))
@@ -185,11 +182,8 @@ class UCB1(_UCB):
 
     Args:
         c: exploration constant ``c > 0`` of the confidence bonus.
-        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5, chosen
-            on ``benchmarks/quality.py`` (12 real domains, 800 steps, 3 seeds): with ``γ = 0.1`` each batch is
-            90 % one domain and the model ended +0.99 bits per byte behind uniform sampling (UCB1; the
-            discounted and sliding-window variants alike); ``γ = 0.5`` cut that to +0.27 (UCB1) and +0.44
-            (discounted), still behind uniform at this scale.
+        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5: with
+            ``γ = 0.1`` each batch is 90 % one domain (evidence in ``docs/policies.md``).
         reward_smoothing: ``None`` for all-time mean rewards, or the EMA weight ``β ∈ (0, 1)`` on the old mean.
         seed: keys the tie-breaking generator (with the update's step).
         reward, loss_smoothing, progress_smoothing, scale_decay: see
@@ -212,19 +206,13 @@ class UCB1(_UCB):
         gamma: float = 0.5,
         reward_smoothing: float | None = None,
         seed: int = 0,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             c,
             gamma=gamma,
             seed=seed,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.reward_smoothing = (
             None if reward_smoothing is None else check_open_unit("reward_smoothing", reward_smoothing)
@@ -240,8 +228,8 @@ class DiscountedUCB(_UCB):
     Args:
         c: exploration constant ``c > 0`` of the confidence bonus.
         discount: ``γ_d ∈ (0, 1)``; the memory is about ``1/(1−γ_d)`` updates.
-        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5, chosen
-            on ``benchmarks/quality.py`` (see :class:`UCB1`).
+        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5 (see
+            :class:`UCB1`).
         seed: keys the tie-breaking generator (with the update's step).
         reward, loss_smoothing, progress_smoothing, scale_decay: see
             :class:`odm.policies.bandits.BanditPolicy`.
@@ -263,19 +251,13 @@ class DiscountedUCB(_UCB):
         discount: float = 0.99,
         gamma: float = 0.5,
         seed: int = 0,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             c,
             gamma=gamma,
             seed=seed,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.discount = check_open_unit("discount", discount)
 
@@ -305,8 +287,8 @@ class SlidingWindowUCB(_UCB):
     Args:
         c: exploration constant ``c > 0`` of the confidence bonus.
         window: ``τ ≥ 1`` updates.
-        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5, chosen
-            on ``benchmarks/quality.py`` (see :class:`UCB1`).
+        gamma: mass ``γ ∈ (0, 1]`` spread uniformly; every proportion stays ``≥ γ/K``. Default 0.5 (see
+            :class:`UCB1`).
         seed: keys the tie-breaking generator (with the update's step).
         reward, loss_smoothing, progress_smoothing, scale_decay: see
             :class:`odm.policies.bandits.BanditPolicy`.
@@ -328,19 +310,13 @@ class SlidingWindowUCB(_UCB):
         window: int = 200,
         gamma: float = 0.5,
         seed: int = 0,
-        reward: str = "loss",
-        loss_smoothing: float = 0.9,
-        progress_smoothing: float = 0.9,
-        scale_decay: float = 0.999,
+        **rewards: Unpack[RewardOptions],
     ) -> None:
         super().__init__(
             c,
             gamma=gamma,
             seed=seed,
-            reward=reward,
-            loss_smoothing=loss_smoothing,
-            progress_smoothing=progress_smoothing,
-            scale_decay=scale_decay,
+            **rewards,
         )
         self.window = check_int(window, "window", low=1)
 
@@ -369,16 +345,10 @@ class SlidingWindowUCB(_UCB):
             "position": self._position,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a state saved by :meth:`state_dict`.
-
-        Raises:
-            ValueError: a state of another policy, version, number of domains or window.
-        """
-        saved = state_dict.get("state", {}).get("window_sums", {}).get("shape", [self.window])[0]
-        if state_dict.get("policy") == type(self).__name__ and saved != self.window:
+    def _check_state(self, state: dict[str, Any]) -> None:
+        saved = np.shape(state["window_sums"])[0]
+        if saved != self.window:
             raise ValueError(f"SlidingWindowUCB state_dict has window {saved}, this policy has {self.window}")
-        super().load_state_dict(state_dict)
 
     def _set_state(self, state: dict[str, Any]) -> None:
         super()._set_state(state)

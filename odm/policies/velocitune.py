@@ -9,7 +9,6 @@ nothing was learned and 0 once the target is reached. Weights move exponentially
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -207,16 +206,6 @@ class Velocitune(Policy):
             v = learning_velocity(self._ema, self.initial_loss, self._target, self.min_gap)
             v = np.where(np.isfinite(v), v, 0.0)  # a domain never seen has no velocity yet
             self._log_w, self._p = velocitune_step(self._log_w, v, self.eta, self._prior, self.smoothing)
-
-    def _usable(self, stats: DomainStats) -> bool:
-        k = self.num_domains
-        if stats.num_domains != k:
-            raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
-        seen = stats.observed
-        if not (np.all(np.isfinite(stats.count)) and np.all(np.isfinite(stats.loss_sum[seen]))):
-            warnings.warn("odm: Velocitune skipped an update with non-finite losses or counts", RuntimeWarning, 3)
-            return False
-        return bool(stats.count.sum() > 0)
 
     def _fit_target(self) -> None:
         hist = np.asarray(self._hist, dtype=np.float64)

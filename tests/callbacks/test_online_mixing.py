@@ -136,7 +136,7 @@ def test_proportions_move_toward_the_noise_domain_and_per_domain_metrics_reach_t
     trainer(tmp_path, max_steps=steps, callbacks=callbacks, logger=logger).fit(Regressor(), train_dataloaders=loader)
 
     p = loader.mixer.proportions
-    assert loader.mixer._num_updates == steps
+    assert loader.mixer.num_updates == steps
     assert p.argmax() == DOMAINS.index("noise") and p[2] > 0.5, p  # a loss-chasing policy feeds the noise
     rows = [r for r in read_csv_metrics(tmp_path) if r.get("mix/p/noise")]
     assert [int(r["step"]) for r in rows] == list(range(log_every, steps + 1, log_every))
@@ -191,7 +191,7 @@ def test_with_gradient_accumulation_the_mixer_steps_once_per_optimizer_step_on_e
     trainer(tmp_path, max_steps=5, callbacks=[OnlineMixing(loader)], accumulate_grad_batches=3).fit(
         Regressor(), train_dataloaders=loader
     )
-    assert loader.mixer._step == 5
+    assert loader.mixer.num_steps == 5
     assert [u.count.sum() for u in policy.updates] == [3 * BATCH] * 5
 
 
@@ -213,14 +213,29 @@ def test_a_scalar_loss_is_enough_for_one_domain_batches_and_is_not_scaled_by_acc
         np.testing.assert_array_equal(u.count, want_count)
 
 
-def test_update_every_steps_the_mixer_every_n_optimizer_steps_with_all_losses_in_between(tmp_path):
+def test_the_mixers_update_every_updates_the_policy_every_n_optimizer_steps_with_all_losses_in_between(tmp_path):
     train, _ = toy_sources()
     policy = Recorder()
-    loader = odm.MixtureLoader(train, batch_size=BATCH, policy=policy)
-    trainer(tmp_path, max_steps=9, callbacks=[OnlineMixing(loader, update_every=3)]).fit(
-        Regressor(), train_dataloaders=loader
-    )
+    loader = odm.MixtureLoader(train, batch_size=BATCH, policy=policy, update_every=3)
+    trainer(tmp_path, max_steps=9, callbacks=[OnlineMixing(loader)]).fit(Regressor(), train_dataloaders=loader)
+    assert loader.mixer.num_steps == 9
     assert [u.count.sum() for u in policy.updates] == [3 * BATCH] * 3
+
+
+def test_with_update_every_the_callback_evaluates_only_before_the_steps_that_update(tmp_path):
+    train, held = toy_sources()
+    policy = AsksForEval(eval_at=(1, 2, 3))  # wants held-out losses at every update
+    loader = odm.MixtureLoader(train, batch_size=BATCH, policy=policy, update_every=3)
+    evaluated_at: list[int] = []
+
+    def eval_fn(module: Regressor, batch: Any) -> torch.Tensor:
+        evaluated_at.append(loader.mixer.num_steps + 1)  # the optimizer step this evaluation precedes
+        return module.sample_losses(*batch)
+
+    callback = OnlineMixing(loader, eval_loaders=held_out_loaders(held), eval_fn=eval_fn, eval_max_batches=1)
+    trainer(tmp_path, max_steps=9, callbacks=[callback]).fit(Regressor(), train_dataloaders=loader)
+    assert evaluated_at == [3] * 3 + [6] * 3 + [9] * 3  # one batch of each of 3 domains, at updates only
+    assert [u.eval_loss is not None for u in policy.updates] == [True] * 3
 
 
 def held_out_loaders(held: dict[str, Any], batch_size: int = 16) -> dict[str, Any]:
@@ -333,7 +348,7 @@ def test_a_batch_without_domain_ids_raises_a_type_error_naming_the_loader(tmp_pa
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"update_every": 0}, ValueError, "update_every"),
+        ({"update_every": 2}, TypeError, "update_every"),  # one cadence: the mixer's
         ({"log_every": -1}, ValueError, "log_every"),
         ({"eval_every": 2}, ValueError, "eval_loaders"),
         ({"eval_loaders": {"easy": []}}, ValueError, "eval_fn"),
@@ -364,21 +379,28 @@ def test_importing_odm_does_not_import_lightning():
         import odm.callbacks  # noqa: F401
 
 
-def test_the_callback_state_round_trips_and_refuses_another_version(tmp_path):
+def test_the_mixer_is_saved_once_by_the_train_loader_and_the_callback_saves_it_only_without_one(tmp_path):
     train, _ = toy_sources()
     loader = odm.MixtureLoader(train, batch_size=BATCH, policy=MeanLossSoftmax())
     callback = OnlineMixing(loader)
     trainer(tmp_path, max_steps=5, callbacks=[callback]).fit(Regressor(), train_dataloaders=loader)
-    state = callback.state_dict()
-    assert state["last_mix_step"] == 4 and state["loader"]["next_batch"] == 5 and state["num_steps"] == 5
+    assert callback.state_dict() == {"version": 2, "mixer": None}  # Lightning saves loader.state_dict()
+    assert loader.state_dict()["next_batch"] == 5  # cut at the last batch stepped on, not Lightning's fetch-ahead
 
-    fresh = odm.MixtureLoader(train, batch_size=BATCH, policy=MeanLossSoftmax())
-    restored = OnlineMixing(fresh)
-    restored.load_state_dict(state)
-    assert fresh.mixer.export_schedule() == loader.mixer.export_schedule()
-    assert fresh.state_dict()["next_batch"] == 5
+    # A mixer driven beside a plain DataLoader: the callback's state holds it.
+    mixer = odm.OnlineMixer(DOMAINS, policy=MeanLossSoftmax())
+    plain = torch.utils.data.DataLoader(
+        [{**s, "domain": k} for k, d in enumerate(DOMAINS) for s in train[d][:64]], batch_size=BATCH, shuffle=True
+    )
+    alone = OnlineMixing(mixer)
+    trainer(tmp_path, max_steps=5, callbacks=[alone]).fit(Regressor(), train_dataloaders=plain)
+    state = alone.state_dict()
+    assert state["mixer"] is not None and state["mixer"]["num_steps"] == 5
+    fresh = odm.OnlineMixer(DOMAINS, policy=MeanLossSoftmax())
+    OnlineMixing(fresh).load_state_dict(state)
+    assert fresh.export_schedule() == mixer.export_schedule()
     with pytest.raises(ValueError, match="version"):
-        restored.load_state_dict({**state, "version": 99})
+        alone.load_state_dict({**state, "version": 99})
 
 
 def test_the_fabric_example_runs_and_resumes_its_loader():
@@ -390,3 +412,77 @@ def test_the_fabric_example_runs_and_resumes_its_loader():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(steps=40, batch_size=16)  # asserts the resumed loader continues at batch 40
+
+
+def test_a_callback_driving_another_mixer_than_the_train_loaders_warns(tmp_path):
+    train, _ = toy_sources()
+    loader = odm.MixtureLoader(train, batch_size=BATCH)
+    other = odm.OnlineMixer(DOMAINS)
+    with pytest.warns(UserWarning, match="MixtureLoader with another mixer than this OnlineMixing's"):
+        trainer(tmp_path, max_steps=2, callbacks=[OnlineMixing(other)]).fit(Regressor(), train_dataloaders=loader)
+
+
+class PackedLM(pl.LightningModule):
+    """A per-token model over packed rows: returns one loss per token (``[B, T]``), as packed LMs do."""
+
+    def __init__(self, vocab: int = 64) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.emb = nn.Embedding(vocab, 8)
+        self.out = nn.Linear(8, vocab)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"] % self.vocab
+        logits = self.out(self.emb(ids))
+        target = torch.roll(ids, -1, dims=1)
+        losses = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, T]
+        return {"loss": losses.mean(), "sample_losses": losses}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SeenTokens(pl.Callback):
+    def __init__(self) -> None:
+        self.steps: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        self.steps.append((batch["token_domain"].numpy(), outputs["sample_losses"].detach().double().numpy()))
+
+
+def packed_sources(seed: int = 0) -> dict[str, list[list[int]]]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: [list(range(k * 1000, k * 1000 + int(n))) for n in rng.integers(3, 3 + 20 * (k + 1), 50)]
+        for k, name in enumerate(["short", "medium", "long"])
+    }
+
+
+def test_packed_batches_credit_every_tokens_loss_to_its_own_domain_through_the_callback(tmp_path):
+    steps = 6
+    policy = Recorder()
+    loader = odm.MixtureLoader(packed_sources(), batch_size=2, pack_length=32, policy=policy, seed=1)
+    seen = SeenTokens()
+    torch.manual_seed(0)
+    trainer(tmp_path, max_steps=steps, callbacks=[OnlineMixing(loader), seen]).fit(PackedLM(), train_dataloaders=loader)
+
+    assert len(policy.updates) == len(seen.steps) == steps
+    for stats, (ids, losses) in zip(policy.updates, seen.steps):
+        # Reference: token by token, each token's loss added to its own domain.
+        want_sum, want_count = np.zeros(3), np.zeros(3)
+        for d, loss in zip(ids.ravel().tolist(), losses.ravel().tolist()):
+            if d >= 0:
+                want_sum[d] += loss
+                want_count[d] += 1
+        np.testing.assert_allclose(stats.loss_sum, want_sum, rtol=1e-6)
+        np.testing.assert_array_equal(stats.count, want_count)
+
+
+def test_a_packed_batch_with_only_a_scalar_loss_is_refused_with_the_fix(tmp_path):
+    class ScalarOnly(PackedLM):
+        def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+            return super().training_step(batch, batch_idx)["loss"]
+
+    loader = odm.MixtureLoader(packed_sources(), batch_size=2, pack_length=32, policy=Recorder(), seed=1)
+    with pytest.raises(TypeError, match=r"packed batch mixes domains.*per-token losses as 'sample_losses'.*\[2, 32\]"):
+        trainer(tmp_path, max_steps=2, callbacks=[OnlineMixing(loader)]).fit(ScalarOnly(), train_dataloaders=loader)

@@ -62,6 +62,8 @@ def fit(
     *,
     give: str = "loader",
     update_every: int = 1,
+    num_batches: int | None = None,
+    max_epochs: int | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     torch.manual_seed(0)
@@ -73,6 +75,7 @@ def fit(
         num_workers=num_workers,
         granularity=granularity,
         update_every=update_every,
+        num_batches=num_batches,
     )
     model = Regressor()
     record = Trajectory(loader.mixer)
@@ -81,6 +84,7 @@ def fit(
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
+        max_epochs=max_epochs,
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
@@ -121,25 +125,39 @@ def test_a_run_resumed_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(
     assert moved > 0.01, f"the policy barely moved ({whole[-1][2]}): the test would not catch a wrong resume"
 
 
-class LoaderAhead(pl.Callback):
-    """Records, at checkpoint time, where the loader itself stands (what Lightning alone would save)."""
+@pytest.mark.slow
+def test_epochs_of_num_batches_end_and_a_resume_mid_epoch_continues_exactly(tmp_path):
+    epochs = {"num_batches": 6, "max_epochs": 3}
+    whole, whole_mixer, _ = fit(tmp_path / "whole", "exp3", 2, -1, **epochs)
+    assert [s[0] for s in whole] == list(range(18)), "three epochs of six batches, then fit() ends"
+    save = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=1)
+    fit(tmp_path / "first", "exp3", 2, 4, callbacks=[save], **epochs)  # stops mid epoch 0
+    ckpt = next((tmp_path / "ckpt").glob("*.ckpt"))
+    rest, rest_mixer, _ = fit(tmp_path / "rest", "exp3", 2, -1, ckpt_path=ckpt, **epochs)
+    assert rest == whole[4:]
+    assert rest_mixer.export_schedule() == whole_mixer.export_schedule()
+
+
+class LoaderAtSave(pl.Callback):
+    """Records, at checkpoint time, the mixer's cut and the loader state's next batch."""
 
     def __init__(self) -> None:
-        self.next_batch: list[int] = []
+        self.at_save: list[tuple[int, int]] = []
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        self.next_batch.append(trainer.train_dataloader.state_dict()["next_batch"])
+        loader = trainer.train_dataloader
+        self.at_save.append((loader.mixer.cut_batch, loader.state_dict()["next_batch"]))
 
 
 @pytest.mark.slow
-def test_the_checkpoint_holds_the_loader_state_cut_at_the_last_trained_batch_not_the_prefetched_one(tmp_path):
+def test_the_checkpoint_holds_the_loader_cut_at_the_last_stepped_batch_and_the_mixer_once(tmp_path):
     save = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=BEFORE, save_top_k=-1)
-    ahead = LoaderAhead()
-    fit(tmp_path / "first", "exp3", 0, BEFORE, callbacks=[ahead, save])
-    assert ahead.next_batch == [BEFORE + 1]  # Lightning's fetcher had already taken batch BEFORE
+    probe = LoaderAtSave()
+    fit(tmp_path / "first", "exp3", 2, BEFORE, callbacks=[probe, save])
+    # Lightning's fetcher (and two workers) had taken batches past BEFORE - 1; the state stops at the cut.
+    assert probe.at_save == [(BEFORE - 1, BEFORE)]
     ckpt = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), weights_only=True)
-    (saved,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert saved["next_batch"] == BEFORE  # batches 0 … BEFORE-1 trained: resume at batch BEFORE
+    (saved,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # Lightning saved it by itself
+    assert saved["next_batch"] == BEFORE and saved["mixer"]["num_steps"] == BEFORE
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("OnlineMixing")]
-    assert state["last_mix_step"] == BEFORE - 1
-    assert state["loader"] == saved
+    assert state["mixer"] is None, "the mixer is saved once, inside the loader's state"

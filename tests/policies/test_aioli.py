@@ -123,6 +123,29 @@ def test_probes_are_pipelined_so_each_probe_is_exactly_s_batches_under_its_mixtu
             assert all(np.allclose(world.drawn[b], expected) for b in range(lo, hi))
 
 
+@pytest.mark.parametrize("delay", [0, 2, 5])
+def test_a_publish_delay_given_by_the_mixer_pipelines_the_probes_from_the_first_round(delay):
+    """With ``set_publish_delay`` no mixture change has to be seen first: after the first probe (which also
+    holds the ``delay`` batches already in flight when the round opened) every probe of the first round is
+    exactly s batches under its mixture, back to back, and the solve is exact."""
+    k, r, s, u = 3, 2, 3, 60
+    given = Aioli(round_steps=u, sweeps=r, probe_steps=s).bind(k)
+    given.set_publish_delay(delay)
+    assert given.lag == delay
+    world = LinearWorld(_true_a(k), delay=delay)
+    world.run(given, 1 + u)
+    first_round = [e for e in world.evals if e < 1 + u]
+    assert np.diff(first_round).tolist() == [s + delay] + [s] * (r * k - 1)
+    order = given._order_of(1)
+    for n, (lo, hi) in enumerate(itertools.pairwise(first_round)):
+        expected = probe_mixture(int(order[n]), k, given.probe_weight)
+        assert all(np.allclose(world.drawn[b], expected) for b in range(max(lo, 1 + delay), hi))
+    np.testing.assert_allclose(given.estimate, _true_a(k) / _true_a(k).sum(), rtol=1e-9)
+    assert given.lag == delay  # never re-learned
+    with pytest.raises(ValueError, match="`delay`"):
+        given.set_publish_delay(-1)
+
+
 def test_round_one_update_from_uniform_is_softmax_of_eta_times_column_sums():
     a = _true_a(3, seed=4)
     policy = Aioli(round_steps=30, sweeps=1, probe_steps=2, probe_weight=1.0, eta=0.5).bind(3)
@@ -390,3 +413,24 @@ def test_proportions_stay_finite_and_on_the_simplex_over_random_worlds(seed):
         world.run(policy, 10)
         for p in (policy.proportions, policy.main_proportions):
             assert np.all(np.isfinite(p)) and np.all(p >= 0) and abs(p.sum() - 1) < 1e-9
+
+
+@pytest.mark.parametrize(("delay", "update_every"), [(6, 4), (5, 4), (8, 4), (3, 2), (6, 1), (0, 4)])
+def test_the_delay_the_mixer_tells_aioli_is_the_one_aioli_learns_from_the_drawn_mixtures(delay, update_every):
+    """Through a real mixer: told (set_publish_delay) and learned (first update drawn wholly under a new
+    mixture) agree, including when the delay in batches is not a multiple of update_every (rounded up)."""
+    lags = []
+    for tell in (False, True):
+        policy = Aioli(round_steps=40, sweeps=1, probe_steps=2, prior_steps=2)
+        if not tell:
+            policy.set_publish_delay = lambda d: None  # type: ignore[method-assign]
+        mixer = odm.OnlineMixer(["a", "b", "c"], policy, delay=delay, update_every=update_every)
+        for b in range(240):
+            p = mixer.schedule.lookup(b)[0]
+            ids = np.repeat(np.arange(3), np.round(np.asarray(p) * 30).astype(int))
+            mixer.observe(ids, np.ones(len(ids)), mix_step=b)
+            if mixer.wants_eval():
+                mixer.observe_eval(np.full(3, 10.0 - 0.01 * b), np.ones(3))
+            mixer.step()
+        lags.append(policy._lag)
+    assert lags[0] == lags[1] == -(-delay // update_every)

@@ -1,4 +1,4 @@
-"""Invariants every bandit/ODM policy satisfies (ALGORITHMS.md, "Invariants"), over many seeds."""
+"""Invariants every bandit/ODM policy satisfies (docs/algorithms.md, "Invariants"), over many seeds."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_a_non_finite_loss_is_skipped_with_a_warning_and_leaves_the_state_unchan
         stats = DomainStats(np.array([1.0, bad, 2.0, 0.0]), np.array([1.0, 2.0, 1.0, 0.0]), p, step=21)
         with pytest.warns(RuntimeWarning, match="non-finite loss for domain"):
             driver.policy.update(stats)
-        assert driver.policy.state_dict() == before
+        np.testing.assert_equal(driver.policy.state_dict(), before)  # NaN entries (never-pulled) compare equal
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
