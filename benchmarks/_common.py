@@ -1,7 +1,7 @@
 """Shared helpers for the benchmarks: what ran where, medians and ratios, and the results files.
 
 Every benchmark records the hardware, the versions, its full config and the date next to its numbers, and
-writes ``benchmarks/results/<name>-<hardware>-<yyyymmdd>.json`` and ``.md`` (see ``BENCHMARKS.md``).
+writes ``benchmarks/results/<name>-<hardware>-<yyyymmdd>.json`` and ``.md`` (see ``docs/benchmarks.md``).
 Benchmarks run as scripts (``python benchmarks/<name>.py``), so the script's folder is on ``sys.path``::
 
     from _common import markdown_table, median, ratio, write_results

@@ -1,4 +1,4 @@
-"""Builds the 12-domain text corpus of ``shared/design/CORPUS.md`` from package registries only.
+"""Builds the 12-domain text corpus described in ``docs/benchmarks.md`` ("The corpus") from package registries only.
 
     python benchmarks/corpus.py                  # 50 MB cap per domain, into ~/.cache/odm/corpus
     python benchmarks/corpus.py --max-mb 5       # the quick build (what `quality.py --quick` needs)
@@ -54,7 +54,7 @@ SPLITS = ("train", "feedback", "test")
 BLOCK_RUNS = 8  # consecutive record runs per group in single-file sources (~128 KB)
 RUN_BYTES = 16_384  # target size of a document made of consecutive records
 
-# PyPI wheels pinned by CORPUS.md.
+# PyPI wheels pinned by the corpus recipe (docs/benchmarks.md).
 WHEELS = {"licensedcode-data": "32.1.0", "botocore": "1.43.11"}
 
 Doc = tuple[str, str]  # (doc id, text)

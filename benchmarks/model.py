@@ -1,7 +1,7 @@
 """The tiny byte-level decoder LM every policy trains in ``quality.py`` (nanoGPT-shaped, CPU-sized).
 
 Bytes in (vocabulary 256), next-byte cross-entropy out, so a loss in nats per position converts to bits per
-byte by dividing by ``ln 2`` whatever the domain's compressibility (CORPUS.md: report bits per byte).
+byte by dividing by ``ln 2`` whatever the domain's compressibility (docs/benchmarks.md: report bits per byte).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Feedback overhead: µs per ``mixer.observe`` + ``mixer.step`` for every policy and K (BENCHMARKS.md §2, part 1).
+"""Feedback overhead: µs per ``mixer.observe`` + ``mixer.step`` for every policy and K (docs/benchmarks.md §2).
 
 For each registered policy that builds from its name and each number of domains K (8, 22 — The Pile —, 100,
 1000, 10 000 — CLIMB-style clusters), one ``OnlineMixer`` runs the feedback half of a training step over and

@@ -1,4 +1,4 @@
-"""Overhead end to end: the same tiny model trained N steps with and without online mixing (BENCHMARKS.md §2).
+"""Overhead end to end: the same tiny model trained N steps with and without online mixing (docs/benchmarks.md §2).
 
 Variants, all on the same data, model, optimiser and batch size, ``num_workers=0``, one process:
 

@@ -1,4 +1,4 @@
-"""Mixing throughput: how fast each mixer turns K per-domain streams into one mixed stream (BENCHMARKS.md §1).
+"""Mixing throughput: how fast each mixer turns K per-domain streams into one mixed stream (docs/benchmarks.md §1).
 
 K in-memory per-domain streams of small items (ints), the same proportions for every method, one process:
 

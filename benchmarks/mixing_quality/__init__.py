@@ -1,6 +1,6 @@
 """Mixing quality: does an online policy train a better model than uniform sampling for the same budget?
 
-Protocol (``BENCHMARKS.md`` §3, in the design notes): a tiny byte-level decoder LM (``model.py``) trains on a
+Protocol (``docs/benchmarks.md`` §4): a tiny byte-level decoder LM (``model.py``) trains on a
 multi-domain corpus split three ways (:mod:`.data`): ``train`` (what the loader draws), ``feedback`` (held-out
 documents a policy may evaluate on while it trains: Aioli, Skill-It) and ``test`` (held-out documents used only
 for the reported scores, never reachable by a policy). Every policy (:mod:`.specs`) gets the same model,
