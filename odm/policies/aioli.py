@@ -270,7 +270,7 @@ class Aioli(Policy):
         # An evaluation-only update (no samples, finite) is usable here: it can open a round.
         if not self._usable(stats, losses=False) and stats.count.sum() != 0:
             return
-        ev = self._eval_of(stats)
+        ev = self._eval_loss(stats)
         total = stats.count.sum()
         if total <= 0:
             # No training observed (an evaluation-only update): it can only open a round that waits for one.
@@ -367,17 +367,6 @@ class Aioli(Policy):
             self._observed = drawn.tolist()
 
     # -- observing: rounds, probes, the update --------------------------------------------------------------
-    def _eval_of(self, stats: DomainStats) -> np.ndarray | None:
-        if stats.eval_loss is None:
-            return None
-        ev = np.asarray(stats.eval_loss, dtype=np.float64)
-        if ev.shape != (self.num_domains,):
-            raise ValueError(f"`eval_loss` must have shape ({self.num_domains},), got {ev.shape}")
-        if not np.all(np.isfinite(ev)):
-            warnings.warn("odm: Aioli ignored a non-finite held-out evaluation", RuntimeWarning, stacklevel=3)
-            return None
-        return ev
-
     def _open_round(self, ev: np.ndarray | None) -> None:
         if ev is None:
             self._phase = _AWAIT  # keep the current proportions and ask at every update

@@ -280,6 +280,22 @@ class Policy(ABC):
         Returns the update's total count (0.0, falsy, when it cannot update the policy)."""
         return check_stats(stats, self.num_domains, type(self).__name__, losses=losses)
 
+    def _eval_loss(self, stats: DomainStats) -> np.ndarray | None:
+        """The update's held-out losses as a checked ``(K,)`` array, or ``None`` when there are none or any is
+        non-finite (skipped with a warning: a policy never learns from a broken evaluation)."""
+        if stats.eval_loss is None:
+            return None
+        k = self.num_domains
+        ev = np.asarray(stats.eval_loss, dtype=np.float64)
+        if ev.shape != (k,):
+            raise ValueError(f"`eval_loss` must have shape ({k},), got {ev.shape}")
+        if not np.all(np.isfinite(ev)):
+            warnings.warn(
+                f"odm: {type(self).__name__} skipped a non-finite held-out evaluation", RuntimeWarning, stacklevel=3
+            )
+            return None
+        return ev
+
     # -- binding ---------------------------------------------------------------------------------------------
     @property
     def num_domains(self) -> int:

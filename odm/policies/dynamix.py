@@ -9,7 +9,6 @@ the domains that currently help. See ``docs/algorithms.md``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -161,13 +160,8 @@ class DynamixSFT(Policy):
         total = stats.count.sum()
         self._counts = self._counts + stats.count
         self._drawn = self._drawn + total * stats.proportions
-        if stats.eval_loss is None:
-            return
-        ev = np.asarray(stats.eval_loss, dtype=np.float64)
-        if ev.shape != (k,):
-            raise ValueError(f"`eval_loss` must have shape ({k},), got {ev.shape}")
-        if not np.all(np.isfinite(ev)):
-            warnings.warn("odm: DynamixSFT ignored a non-finite held-out evaluation", RuntimeWarning, stacklevel=2)
+        ev = self._eval_loss(stats)
+        if ev is None:
             return
         if self._last_eval is not None and self._counts.sum() > 0:
             n = self._counts.sum()

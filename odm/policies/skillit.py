@@ -6,7 +6,6 @@ See ``docs/algorithms.md``, "Skill-It, online".
 
 from __future__ import annotations
 
-import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -147,13 +146,8 @@ class SkillIt(Policy):
         k = self.num_domains
         if stats.num_domains != k:
             raise ValueError(f"stats have {stats.num_domains} domains, the policy has {k}")
-        if stats.eval_loss is None:
-            return
-        ev = np.asarray(stats.eval_loss, dtype=np.float64)
-        if ev.shape != (k,):
-            raise ValueError(f"`eval_loss` must have shape ({k},), got {ev.shape}")
-        if not np.all(np.isfinite(ev)):
-            warnings.warn("odm: SkillIt skipped a non-finite held-out evaluation", RuntimeWarning, stacklevel=2)
+        ev = self._eval_loss(stats)
+        if ev is None:
             return
         self._evals.append(ev)
         self._p = skillit_proportions(self._p0, self._graph, np.stack(list(self._evals)), self.eta)
