@@ -307,6 +307,19 @@ class Policy(ABC):
     def is_bound(self) -> bool:
         return self._num_domains is not None
 
+    def _bind_from(self, **per_domain: Any) -> None:
+        """Binds to the number of domains the given per-domain arguments imply (``None`` ones ignored).
+
+        Raises:
+            ValueError: the arguments have different lengths (names and lengths listed).
+        """
+        sizes = {name: len(x) for name, x in per_domain.items() if x is not None}
+        if len(set(sizes.values())) > 1:
+            named = " and ".join(f"`{n}` ({k})" for n, k in sizes.items())
+            raise ValueError(f"{named} have different lengths: they disagree on the number of domains")
+        if sizes:
+            self.bind(next(iter(sizes.values())))
+
     def bind(self, num_domains: int) -> Policy:
         """Fixes the number of domains and initialises the state. Returns ``self``.
 

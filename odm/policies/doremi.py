@@ -115,11 +115,7 @@ class DoReMi(Policy):
                 raise ValueError(f"`reference` must be a 1-D sequence of finite losses, got {reference!r}")
             self._ref = ref
         self.prior = None if prior is None else check_proportions(prior, name="prior")
-        sizes = {len(x) for x in (self._ref, self.prior) if x is not None}
-        if len(sizes) > 1:
-            raise ValueError(f"`reference` and `prior` have different lengths: {sorted(sizes)}")
-        if sizes:
-            self.bind(sizes.pop())
+        self._bind_from(reference=self._ref, prior=self.prior)
 
     def _init_state(self, num_domains: int) -> None:
         if self._ref is not None and len(self._ref) != num_domains:

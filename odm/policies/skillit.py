@@ -118,11 +118,7 @@ class SkillIt(Policy):
                 raise ValueError(f"`graph` must be a finite square (K, K) matrix, got shape {g.shape}")
             self.graph = g
         self.prior = None if prior is None else check_proportions(prior, name="prior")
-        sizes = {len(x) for x in (self.graph, self.prior) if x is not None}
-        if len(sizes) > 1:
-            raise ValueError(f"`graph` and `prior` disagree on the number of domains: {sorted(sizes)}")
-        if sizes:
-            self.bind(sizes.pop())
+        self._bind_from(graph=self.graph, prior=self.prior)
 
     def _init_state(self, num_domains: int) -> None:
         if self.graph is not None and self.graph.shape[0] != num_domains:

@@ -122,11 +122,7 @@ class Velocitune(Policy):
             if tgt.ndim != 1 or not np.all(np.isfinite(tgt)):
                 raise ValueError(f"`target` must be a 1-D sequence of finite losses, got {target!r}")
             self.target = tgt
-        sizes = {len(x) for x in (self.prior, self.target) if x is not None}
-        if len(sizes) > 1:
-            raise ValueError(f"`prior` and `target` have different lengths: {sorted(sizes)}")
-        if sizes:
-            self.bind(sizes.pop())
+        self._bind_from(prior=self.prior, target=self.target)
 
     def _init_state(self, num_domains: int) -> None:
         k = num_domains
