@@ -51,8 +51,10 @@ class _TimedUpdate:
 class Cell:
     """One policy at one K: a mixer fed random batches, timed around the feedback calls only."""
 
-    def __init__(self, name: str, k: int, *, batch_size: int, device: str, seed: int = 0) -> None:
-        self.name, self.k, self.batch_size, self.device = name, k, batch_size, device
+    def __init__(
+        self, name: str, k: int, *, batch_size: int, device: str, seed: int = 0, clock: Any = time.perf_counter
+    ) -> None:
+        self.name, self.k, self.batch_size, self.device, self.clock = name, k, batch_size, device, clock
         self.mixer = odm.OnlineMixer([f"d{i}" for i in range(k)], name, seed=seed)
         self.timer = _TimedUpdate(self.mixer.policy)
         self.mixer.policy.update = self.timer  # type: ignore[method-assign]
@@ -65,17 +67,17 @@ class Cell:
 
     def run(self, n: int) -> float:
         """``n`` steps; returns the seconds spent in observe (+ observe_eval) + step."""
-        mixer, spent = self.mixer, 0.0
+        mixer, spent, clock = self.mixer, 0.0, self.clock
         for _ in range(n):
             ids = torch.from_numpy(mixer.sample(self.batch_size))  # the loader's ids: on the CPU
             loss = torch.from_numpy(self.rng.gamma(2.0, 1.0, self.batch_size) + 0.01 * ids.numpy())
             loss = loss.float().to(self.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             mixer.observe(ids, loss)
             if mixer.wants_eval():
                 mixer.observe_eval(self.eval_sum, self.eval_count)
             mixer.step()
-            spent += time.perf_counter() - t0
+            spent += clock() - t0
         return spent
 
     def calibrate(self, budget_s: float) -> None:
@@ -112,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds per repeat (default 0.25, quick 0.05)")
     parser.add_argument("--device", default="cpu", help="where the losses live (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall-clock (default) or this thread's CPU time (steadier when other processes share the cores)",
+    )
     args = parser.parse_args(argv)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     repeats = args.repeats or (3 if args.quick else 7)
     budget = args.budget or (0.05 if args.quick else 0.25)
     torch.set_num_threads(args.threads)
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         for k in args.sizes:
             try:
-                cell = Cell(name, k, batch_size=args.batch_size, device=args.device)
+                cell = Cell(name, k, batch_size=args.batch_size, device=args.device, clock=clock)
             except ValueError as err:  # a policy whose defaults do not fit this K (e.g. a floor above 1/K)
                 results.append({"policy": name, "num_domains": k, "error": str(err)})
                 print(f"  {name:<20} K={k:<6} not run: {err}", file=sys.stderr, flush=True)
@@ -158,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             verdicts.append(f"{name} {us:.1f} µs ({'under' if us < TARGET['us'] else 'OVER'} {TARGET['us']:.0f})")
     notes = (
         "µs per `observe` + `step` (in brackets: inside `policy.update`), median over "
-        f"{repeats} repeats, batch {args.batch_size}, losses on {args.device}, {args.threads} torch thread(s); "
+        f"{repeats} repeats, batch {args.batch_size}, losses on {args.device}, {args.threads} torch thread(s), "
+        f"{'wall-clock' if args.clock == 'wall' else 'thread CPU'} time; "
         f"1-minute load average {load[0]} before and {load[1]} after. "
         "`uniform` never moves, so its row is the mixer's own cost (accumulate, reduce, build the stats). "
         "Shared machine: compare rows within this run. Target at K = 22: " + "; ".join(verdicts) + "."
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s": budget,
         "device": args.device,
         "threads": args.threads,
+        "clock": args.clock,
         "quick": args.quick,
         "policies": names,
         "load_average": load,

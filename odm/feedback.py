@@ -21,9 +21,10 @@ from odm._dist import all_reduce_host, comm_device, distributed
 
 __all__ = ["DomainFeedback", "FeedbackRows", "all_reduce_host", "distributed", "flatten_tokens"]
 
-# Device types whose losses are accumulated in numpy on the host (a CPU tensor's .numpy() is a free view).
-_HOST_DEVICE_TYPES = frozenset({"cpu"})
 _NUM_DOMAIN_ROWS = 7  # the (K,) fields of FeedbackRows
+#: CPU tensors take the numpy host path; tests set this False to run the accelerator (torch) path on the CPU.
+_CPU_ON_HOST = True
+_FLOAT_DTYPES = frozenset({torch.float32, torch.float64, torch.float16})  # losses numpy reads as they are
 _NUM_SCALARS = 4  # the scalar fields of FeedbackRows
 
 
@@ -105,7 +106,7 @@ def _host(x: Any, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         if x.requires_grad:
             x = x.detach()
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             _refuse_meta(**{name: x})
             x = x.cpu()
         if x.dtype == torch.bfloat16:
@@ -190,6 +191,7 @@ class DomainFeedback:
             if self.batches:
                 self.batches = {}
         self._dev: torch.Tensor | None = None  # the same layout on the loss's device, made on first use
+        self._calls = self._batches = 0  # written into the packed vector at reduce()
         self.pending = False
 
     def _device_acc(self, device: torch.device) -> torch.Tensor:
@@ -211,13 +213,13 @@ class DomainFeedback:
         ``pad_id``: ids equal to it (padding tokens of packed sequences) are left out entirely.
         See :meth:`odm.OnlineMixer.observe` for the accepted forms and the errors.
         """
-        if isinstance(loss, torch.Tensor) and loss.device.type not in _HOST_DEVICE_TYPES:
+        if isinstance(loss, torch.Tensor) and not (loss.is_cpu and _CPU_ON_HOST):
             _refuse_meta(loss=loss, domain=domain, weight=weight)
             num = self._observe_device(domain, loss, weight, pad_id)
         else:
             num = self._observe_host(domain, loss, weight, pad_id)
-        self._acc[self._calls_at] += 1
-        self._acc[self._batches_at] += 1
+        self._calls += 1
+        self._batches += 1
         self.pending = True
         return num
 
@@ -265,12 +267,23 @@ class DomainFeedback:
         return w
 
     def _observe_host(self, domain: Any, loss: Any, weight: Any, pad_id: int | None) -> int:
-        values = _host(loss, "loss")
-        if values.dtype.kind != "f":
-            values = values.astype(np.float64)
-        scalar = values.ndim == 0
-        values = values.reshape(-1)
-        ids = self._host_ids(domain, values.size, scalar)
+        if (
+            type(loss) is torch.Tensor  # the usual call: per-sample CPU losses and the batch's CPU int64 ids
+            and type(domain) is torch.Tensor
+            and domain.dtype == torch.int64
+            and loss.dtype in _FLOAT_DTYPES
+            and domain.is_cpu
+            and loss.dim() == 1
+            and domain.shape == loss.shape
+        ):
+            values, ids, scalar = loss.detach().numpy(), domain.numpy(), False
+        else:
+            values = _host(loss, "loss")
+            if values.dtype.kind != "f":
+                values = values.astype(np.float64)
+            scalar = values.ndim == 0
+            values = values.reshape(-1)
+            ids = self._host_ids(domain, values.size, scalar)
         if scalar:
             values = np.broadcast_to(values, ids.shape)
         w = None if weight is None else self._host_weight(weight, values.size)
@@ -291,9 +304,10 @@ class DomainFeedback:
             # bincount sums in float64 whatever the loss dtype; a NaN or inf among the losses carries into the
             # total, so one check on K sums replaces one per loss (an overflowing total takes the slow path).
             sums = np.bincount(ids, values, minlength=k)
-            if math.isfinite(np.add.reduce(sums)):  # (np.add.reduce: sum() without its Python wrapper)
+            if math.isfinite(sums.dot(sums)):  # (a dot product is the cheapest reduction; overflow: exact path)
                 rows[LOSS] += sums
-                rows[COUNT : SAMPLES + 1] += samples
+                rows[COUNT] += samples
+                rows[SAMPLES] += samples
                 return n
         values = values.astype(np.float64, copy=False)
         finite = np.isfinite(values)
@@ -321,7 +335,7 @@ class DomainFeedback:
         k = self.num_domains
         real: torch.Tensor | None = None  # False at padding tokens
         num_real: int | None = None
-        if isinstance(domain, torch.Tensor) and domain.device.type not in _HOST_DEVICE_TYPES:
+        if isinstance(domain, torch.Tensor) and not (domain.is_cpu and _CPU_ON_HOST):
             # Ids already on the accelerator: out-of-range ids are counted here and reported at step().
             _check_ids_dtype(
                 not (domain.is_floating_point() or domain.is_complex() or domain.dtype == torch.bool), domain.dtype
@@ -359,7 +373,7 @@ class DomainFeedback:
             keep = keep & real
         if weight is None:
             w = keep.to(torch.float64)
-        elif isinstance(weight, torch.Tensor) and weight.device.type not in _HOST_DEVICE_TYPES:
+        elif isinstance(weight, torch.Tensor) and not (weight.is_cpu and _CPU_ON_HOST):
             w = weight.detach().to(device=device, dtype=torch.float64).reshape(-1)
             if w.numel() == 1 and n != 1:
                 w = w.expand(n)
@@ -399,7 +413,7 @@ class DomainFeedback:
             if shape != (k,):
                 raise ValueError(f"`{name}` must have shape ({k},) (one entry per domain), got {shape}")
             pair.append(x)
-        on_device = [isinstance(x, torch.Tensor) and x.device.type not in _HOST_DEVICE_TYPES for x in pair]
+        on_device = [isinstance(x, torch.Tensor) and not (x.is_cpu and _CPU_ON_HOST) for x in pair]
         if any(on_device):
             device = pair[on_device.index(True)].device
             acc = self._device_acc(device)
@@ -413,7 +427,7 @@ class DomainFeedback:
                 raise ValueError(f"`count` must be finite and non-negative, got {count!r}")
             self._rows[EVAL_SUM] += s
             self._rows[EVAL_COUNT] += c
-        self._acc[self._calls_at] += 1
+        self._calls += 1
         self.pending = True
 
     def reduce(
@@ -431,6 +445,8 @@ class DomainFeedback:
         is a running group of several ranks, when the caller knows.
         """
         acc = self._acc.copy() if tail is None else np.concatenate([self._acc, tail])
+        acc[self._calls_at] = self._calls
+        acc[self._batches_at] = self._batches
         if self.batches:
             # Sample-weighted sum of the rows the batches were drawn under; reduced like everything else so every
             # rank feeds the policy the same importance weights even when ranks saw different batch sizes.

@@ -21,6 +21,7 @@ one rank alone resumes all of them.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -126,6 +127,8 @@ class OnlineMixer:
         self.history_every = check_int(history_every, "history_every", low=1, allow_none=True)
         self.seed = check_seed(seed)
         self.policy = get_policy(policy).bind(len(self.domains))
+        # Only a held-out policy is watched for missing evaluations (_track_evals).
+        self._tracks_evals = type(self.policy).wants_eval is not Policy.wants_eval or EVAL_LOSS in self.policy.requires
         # In updates: a row published after batch b applies from batch b + 1 + delay, which falls in the
         # (delay // update_every + 1)-th update after this one (one batch per step).
         # In updates, rounded up: an update that mixes batches drawn before and after a publish counts as old.
@@ -216,13 +219,17 @@ class OnlineMixer:
         which may move the last bit)."""
         return p.tobytes() == self._published and self._mode() == self._published_mode
 
-    def _publish(self, p: np.ndarray, *, from_policy: bool = False, q: np.ndarray | None = None) -> int:
+    def _publish(
+        self, p: np.ndarray, *, from_policy: bool = False, q: np.ndarray | None = None, key: bytes | None = None
+    ) -> int:
         """Publishes ``p`` (already constrained) unless it repeats the newest row; returns the batch it applies
-        from. ``q``: ``p`` already checked and normalised; else it is checked here, before anything changes."""
+        from. ``q``: ``p`` already checked and normalised; else it is checked here, before anything changes.
+        ``key``: ``p.tobytes()`` when the caller has it (and has found that it is not a repeat)."""
         mode = self._mode()
-        key = p.tobytes()
-        if key == self._published and mode == self._published_mode:
-            return self.schedule.latest_effective_from()
+        if key is None:
+            key = p.tobytes()
+            if key == self._published and mode == self._published_mode:
+                return self.schedule.latest_effective_from()
         if q is None:
             q = check_simplex(p, self.num_domains, name="published proportions")
         effective_from = max(self._effective_from(), self.schedule.latest_effective_from())
@@ -480,13 +487,14 @@ class OnlineMixer:
         pending = step_rows if self._pending is None else self._pending + step_rows
         update_now = num_steps % self.update_every == 0
         stats = self._update(pending) if update_now else None  # the policy moves; nothing else yet
-        p = q = None
+        p = q = key = None
         if stats is not None and self._override is None:
             p = self._constrain(self.policy.proportions)
-            if self._repeats(p):
+            key = p.tobytes()
+            if key == self._published and self._mode() == self._published_mode:
                 p = None  # nothing to publish
             else:
-                q = check_simplex(p, self.num_domains, name=f"{type(self.policy).__name__}'s proportions")
+                q = self._check_output(p)
         # Commit: nothing below raises.
         self._feedback.reset()
         if gathered:
@@ -500,14 +508,26 @@ class OnlineMixer:
         if stats is not None:
             self._num_updates, self._num_samples = stats.step, stats.num_samples
             if p is not None:
-                self._publish(p, from_policy=True, q=q)
+                self._publish(p, from_policy=True, q=q, key=key)
+
+    def _check_output(self, p: np.ndarray) -> np.ndarray:
+        """The policy's (constrained) proportions normalised, checked like a user's: a policy bug must not reach
+        the schedule the data pipeline reads."""
+        if type(p) is np.ndarray and p.dtype == np.float64 and p.shape == (self.num_domains,):
+            total = float(np.add.reduce(p))
+            if 0 < total < math.inf and float(np.minimum.reduce(p)) >= 0:  # NaN fails both
+                return p / total
+        return check_simplex(p, self.num_domains, name=f"{type(self.policy).__name__}'s proportions")  # raises
 
     def _update(self, pending: np.ndarray) -> DomainStats | None:
         """Feeds the policy the statistics since the last update; returns them (``None``: no update)."""
         k = self.num_domains
         rows = FeedbackRows.domain_rows(pending, k)  # only the rows needed are taken (views)
+        # Every row's total in one reduction; COUNT, SAMPLES, NONFINITE, EVAL_COUNT and DRAWN are sums of
+        # non-negative numbers, so a zero total means an all-zero row.
+        totals = np.add.reduce(rows, 1).tolist()
         eval_loss = None
-        if rows[NONFINITE : EVAL_COUNT + 1].any():  # non-finite or held-out losses (one check for the usual none)
+        if totals[NONFINITE] or totals[EVAL_COUNT]:  # non-finite or held-out losses (usually neither)
             nonfinite, eval_sum, eval_count = rows[NONFINITE], rows[EVAL_SUM], rows[EVAL_COUNT]
             if nonfinite.any():
                 self._warn_once("loss", nonfinite > 0, nonfinite, "loss value(s)")
@@ -518,21 +538,20 @@ class OnlineMixer:
                 if bad.any():
                     self._warn_once("eval", bad, eval_count, "held-out loss sum(s) over this many samples")
                     eval_loss[bad] = np.nan
-        self._track_evals(eval_loss is not None)
-        count = rows[COUNT]
-        if not count.any() and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
+        if self._tracks_evals:
+            self._track_evals(eval_loss is not None)
+        if not totals[COUNT] and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
             return None  # nothing usable observed: the policy stays as it was
-        drawn = rows[DRAWN]
-        total = np.add.reduce(drawn)
+        total = totals[DRAWN]
         # NOTE: views of `pending`, a fresh array no one else keeps once this update is committed.
         stats = DomainStats(
             loss_sum=rows[LOSS],
-            count=count,
-            proportions=drawn / total if total > 0 else self._latest.copy(),
+            count=rows[COUNT],
+            proportions=rows[DRAWN] / total if total > 0 else self._latest.copy(),
             step=self._num_updates + 1,
-            num_samples=self._num_samples + round(float(np.add.reduce(rows[SAMPLES]))),
+            num_samples=self._num_samples + round(totals[SAMPLES]),
             eval_loss=eval_loss,
-            num_batches=max(1, round(FeedbackRows.scalars(pending)[3])),
+            num_batches=max(1, round(float(pending[-1]))),  # the BATCHES scalar, last of the packed vector
         )
         self.policy.update(stats)
         return stats

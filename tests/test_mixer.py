@@ -59,7 +59,7 @@ def path(request, monkeypatch) -> str:
     """Runs a test through the host (numpy) path and through the accelerator path, on CPU tensors."""
     if request.param == "device":
         # The torch path that CUDA losses take, exercised here by treating "cpu" as an accelerator.
-        monkeypatch.setattr(odm.feedback, "_HOST_DEVICE_TYPES", frozenset())
+        monkeypatch.setattr(odm.feedback, "_CPU_ON_HOST", False)
     return request.param
 
 
@@ -144,7 +144,7 @@ def test_bad_observations_are_refused_at_the_door(path, domain, loss, kwargs, er
 
 
 def test_accelerator_ids_and_weights_out_of_range_are_reported_at_the_next_step(monkeypatch):
-    monkeypatch.setattr(odm.feedback, "_HOST_DEVICE_TYPES", frozenset())
+    monkeypatch.setattr(odm.feedback, "_CPU_ON_HOST", False)
     rec = Recorder()
     mixer = odm.OnlineMixer(_names(3), rec)
     mixer.observe(torch.tensor([0, 7, 1]), torch.tensor([1.0, 2.0, 3.0]))
@@ -409,7 +409,7 @@ def test_a_checkpoint_between_updates_keeps_the_statistics_observed_since_the_la
     assert_resumes_identically, monkeypatch, path, before
 ):
     if path == "device":  # the torch accumulator CUDA losses take, on CPU tensors
-        monkeypatch.setattr(odm.feedback, "_HOST_DEVICE_TYPES", frozenset())
+        monkeypatch.setattr(odm.feedback, "_CPU_ON_HOST", False)
 
     def make() -> odm.OnlineMixer:
         return odm.OnlineMixer(_names(4), "exp3", update_every=4, seed=3)

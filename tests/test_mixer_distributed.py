@@ -31,7 +31,7 @@ def _learned_policy() -> Policy:
 def _rank_main(rank: int, world: int, store: str, out_dir: str, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     if path == "device":  # the torch accumulation CUDA losses take, on CPU tensors
-        odm.feedback._HOST_DEVICE_TYPES = frozenset()
+        odm.feedback._CPU_ON_HOST = False
     try:
         calls = []
         all_reduce = dist.all_reduce

@@ -180,7 +180,7 @@ def test_a_policy_that_returns_nan_is_refused_before_anything_is_published():
 
 
 def test_bad_accelerator_ids_drop_that_step_only(monkeypatch):
-    monkeypatch.setattr(odm.feedback, "_HOST_DEVICE_TYPES", frozenset())
+    monkeypatch.setattr(odm.feedback, "_CPU_ON_HOST", False)
     rec = Recorder()
     mixer = odm.OnlineMixer(_names(3), rec)
     mixer.observe(torch.tensor([0, 9]), torch.tensor([1.0, 2.0]), mix_step=0)
@@ -362,7 +362,7 @@ def test_evaluations_that_arrive_keep_the_held_out_warning_away():
 @pytest.mark.parametrize("path", ["host", "device"])
 def test_per_token_losses_are_credited_to_each_tokens_domain_and_padding_is_ignored(monkeypatch, path):
     if path == "device":
-        monkeypatch.setattr(odm.feedback, "_HOST_DEVICE_TYPES", frozenset())
+        monkeypatch.setattr(odm.feedback, "_CPU_ON_HOST", False)
     rec = Recorder()
     mixer = odm.OnlineMixer(_names(3), rec)
     batch = {"token_domain": torch.tensor([[0, 0, 2, -1], [1, 1, 1, 2]]), "mix_step": 0}

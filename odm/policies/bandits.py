@@ -69,6 +69,10 @@ class RewardOptions(TypedDict, total=False):
 # Smallest proportion used as an importance-weight denominator (a domain drawn under p = 0 can only come from
 # an override; it must not turn into a division by zero).
 MIN_PROPORTION = 1e-12
+# Denominator floor for per-domain means (a domain not drawn has count 0).
+_TINY = 1e-300
+# The ufuncs' reductions without ndarray.min/max's Python wrappers (the hot path runs a few per update).
+_min, _max = np.minimum.reduce, np.maximum.reduce
 
 
 # -- argument checks shared by the bandit modules -------------------------------------------------------------
@@ -170,14 +174,15 @@ def loss_rewards(
     Returns:
         ``(rewards, scale, offset)``.
     """
-    pulled = count > 0
-    loss = np.divide(loss_sum, count, out=np.zeros_like(loss_sum), where=pulled)
-    low = float(loss.min())
+    loss = loss_sum / np.maximum(count, _TINY)
+    if np.count_nonzero(count) < count.shape[0]:  # a domain not drawn (count 0) gets 0, whatever its loss_sum
+        np.copyto(loss, 0.0, where=count <= 0)
+    low = float(_min(loss))
     if low < 0 or offset < 0:
         offset = min(scale_decay * offset, low, 0.0)
-        loss = np.where(pulled, loss - offset, 0.0)
+        loss = np.where(count > 0, loss - offset, 0.0)
     # Every entry is now >= 0, so the largest |raw| is the largest entry.
-    scale = max(scale_decay * scale, float(loss.max()))
+    scale = max(scale_decay * scale, float(_max(loss)))
     if scale <= 0:
         return np.zeros_like(loss), scale, offset
     return np.minimum(loss * (1.0 / scale), 1.0), scale, offset

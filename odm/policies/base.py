@@ -170,15 +170,19 @@ def check_stats(stats: DomainStats, num_domains: int, policy: str, *, losses: bo
     """
     want = (num_domains,)
     loss_sum, count, proportions = stats.loss_sum, stats.count, stats.proportions
-    if not (np.shape(loss_sum) == want and np.shape(count) == want and np.shape(proportions) == want):
+    try:  # arrays (always, from the mixer): their .shape, without np.shape's conversion
+        same = loss_sum.shape == want and count.shape == want and proportions.shape == want
+    except AttributeError:
+        same = False
+    if not same:
         for field in ("loss_sum", "count", "proportions"):
             shape = np.shape(getattr(stats, field))
             if shape != want:
                 raise ValueError(f"{policy}: `stats.{field}` must have shape ({num_domains},), got {shape}")
     # Fast path (the mixer's stats are always finite): a sum and a dot product propagate any NaN or inf (inf·0
     # is NaN); a finite overflow only sends the update down the exact path below.
-    total = float(count.sum())
-    if math.isfinite(total + float(loss_sum @ proportions if losses else proportions.sum())):
+    total = float(np.add.reduce(count))
+    if math.isfinite(total + float(loss_sum.dot(proportions) if losses else np.add.reduce(proportions))):
         return total if total > 0 else 0.0
     bad = stats.observed & ~np.isfinite(stats.loss_sum) if losses else np.zeros(num_domains, dtype=bool)
     if bad.any() or not (np.all(np.isfinite(stats.count)) and np.all(np.isfinite(stats.proportions))):

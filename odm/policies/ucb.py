@@ -41,16 +41,16 @@ __all__ = [
 
 # Windowed counts below this are treated as zero (they are sums of added and subtracted shares).
 _ZERO_COUNT = 1e-9
+_TINY = 1e-300  # denominator floor: a pull count of 0 is handled apart
 
 
 def ucb_index(means: np.ndarray, pulls: np.ndarray, c: float) -> np.ndarray:
     """``u_i = r̄_i + c·sqrt(2·ln n / n_i)`` with ``n = max(Σ n_i, 1)``; ``+∞`` where ``n_i = 0``."""
-    total = max(float(pulls.sum()), 1.0)
-    if float(pulls.min()) > 0:  # every arm pulled: the hot path, no masking
-        return means + c * np.sqrt((2.0 * math.log(total)) / pulls)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bonus = c * np.sqrt(2.0 * math.log(total) / pulls)
-    return np.where(pulls > 0, means + bonus, np.inf)
+    total = max(float(np.add.reduce(pulls)), 1.0)
+    index = means + c * np.sqrt((2.0 * math.log(total)) / np.maximum(pulls, _TINY))
+    if np.count_nonzero(pulls) < pulls.shape[0]:  # an arm never pulled (pulls are >= 0; early on only)
+        index[pulls <= 0] = np.inf
+    return index
 
 
 def ucb_proportions(index: np.ndarray, gamma: float, *, seed: int, step: int) -> np.ndarray:
@@ -79,11 +79,11 @@ def ucb1_update(
     Returns:
         ``(means, pulls)``.
     """
-    pulled = shares > 0
     new_pulls = pulls + shares
     if reward_smoothing is None:
-        weight = np.divide(shares, new_pulls, out=np.zeros_like(shares), where=pulled)
+        weight = shares / np.maximum(new_pulls, _TINY)  # 0 where not pulled (shares 0, new_pulls >= shares)
     else:
+        pulled = shares > 0
         weight = np.where(pulls > 0, 1.0 - np.power(reward_smoothing, shares), 1.0)
         weight = np.where(pulled, weight, 0.0)
     return means + weight * (rewards - means), new_pulls
@@ -126,8 +126,8 @@ def sliding_window_update(
     return np.where(empty, 0.0, new_sums), np.where(empty, 0.0, new_pulls)
 
 
-def _shares(count: np.ndarray) -> np.ndarray:
-    return count / count.sum()
+def _shares(count: np.ndarray, total: float) -> np.ndarray:
+    return count * (1.0 / total)
 
 
 class _UCB(BanditPolicy):
@@ -159,10 +159,11 @@ class _UCB(BanditPolicy):
         raise NotImplementedError
 
     def update(self, stats: DomainStats) -> None:
-        if not self._usable(stats):
+        total = self._usable(stats)
+        if not total:
             return
         rewards = self._rewards(stats)
-        self._means, self._pulls = self._statistics(rewards, _shares(stats.count))
+        self._means, self._pulls = self._statistics(rewards, _shares(stats.count, total))
         index = ucb_index(self._means, self._pulls, self.c)
         self._p = ucb_proportions(index, self.gamma, seed=self.seed, step=stats.step)
 
