@@ -81,8 +81,14 @@ class StepCollective:
         """
         group = self.group
         dist = torch.distributed.is_available() and torch.distributed.is_initialized() and distributed(group)
-        if not dist and not self.payloads:  # the common single-process case: nothing rides along
-            return feedback.reduce(lookup, None, group, dist), next_batch, {}
+        if not dist:  # one process: the payloads are this rank's own, nothing to gather
+            gathered = {}
+            for key, (fn, length) in self.payloads.items():
+                arr = np.asarray(fn(cut), dtype=np.float64).reshape(1, -1)
+                if arr.shape[1] != length:
+                    raise ValueError(f"payload {key!r} returned {arr.size} numbers, registered with {length}")
+                gathered[key] = arr
+            return feedback.reduce(lookup, None, group, dist), next_batch, gathered
         tail, error = self._segment(next_batch, cut)
         rank, world = rank_world(group) if dist else (0, 1)
         if world > 1:

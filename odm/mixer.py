@@ -292,7 +292,7 @@ class OnlineMixer:
     def _check_mix_step(self, mix_step: Any) -> int:
         if isinstance(mix_step, torch.Tensor) and mix_step.numel() == 1 and not mix_step.is_floating_point():
             mix_step = mix_step.item()  # a collated batch's index
-        b = check_int(mix_step, "mix_step", low=0)
+        b = mix_step if type(mix_step) is int and mix_step >= 0 else check_int(mix_step, "mix_step", low=0)
         if self._served is not None and b > self._served:
             raise ValueError(
                 f"`mix_step`={b} names a batch the loader has not served (the newest batch served is "
@@ -444,7 +444,7 @@ class OnlineMixer:
 
     def _drawn_under(self, b: int) -> np.ndarray:
         try:
-            return self.schedule.lookup(b).proportions
+            return self.schedule.proportions_for(b)
         except RuntimeError:
             # NOTE: checked at observe(); only a flood of publishes since then gets here. Raising before the
             # collective would leave the other ranks waiting, so weigh it with the oldest row kept instead.

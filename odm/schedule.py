@@ -187,6 +187,24 @@ class ProportionSchedule:
             "than once per batch"
         )
 
+    def proportions_for(self, batch: int) -> np.ndarray:
+        """:meth:`lookup`'s proportions as a read-only view into the ring, without a copy: for a caller that
+        reads them at once (the mixer's importance weights); a later publish may overwrite them.
+
+        Raises:
+            RuntimeError: as :meth:`lookup`.
+        """
+        rows, count = self._np()
+        n = int(count[0])
+        newest = rows[(n - 1) % self.capacity]
+        if newest[0] <= batch:  # the usual case: the batch is under the newest row
+            view = newest[_HEADER:]
+        else:
+            view = rows[self.lookup(batch).position % self.capacity, _HEADER:]
+        view = view.view()
+        view.flags.writeable = False
+        return view
+
     def latest(self) -> ScheduleRow:
         """The newest row."""
         rows, count = self._np()

@@ -112,3 +112,19 @@ def test_lookup_names_the_position_of_the_row_in_force_so_readers_can_reuse_the_
     assert s.lookup(20).position == s.num_rows - 1
     p, mode, position = s.lookup(7)  # unpacks in this order
     assert (p.tolist(), mode, position) == ([5 / 6, 1 / 6], 0, 1)
+
+
+def test_proportions_for_is_lookup_without_the_copy_at_every_batch_and_cannot_be_written():
+    rng = np.random.default_rng(0)
+    s = ProportionSchedule(4, capacity=8)
+    effective = 0
+    for _ in range(20):  # wraps the ring: old rows are evicted, the newest are ahead of some batches
+        effective += int(rng.integers(0, 3))
+        s.publish(rng.random(4) + 0.01, effective_from=effective)
+        oldest = s.oldest_batch()
+        for b in range(oldest, effective + 3):
+            view = s.proportions_for(b)
+            assert view.tolist() == s.lookup(b).proportions.tolist()
+            assert not view.flags.writeable
+    with pytest.raises(RuntimeError, match="left the schedule ring"):
+        s.proportions_for(s.oldest_batch() - 1)
