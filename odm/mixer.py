@@ -154,6 +154,7 @@ class OnlineMixer:
         self._published = p0.tobytes()  # the newest published vector as given to the schedule
         self._published_mode = self.schedule.latest().mode
         self._latest = self.schedule.latest().proportions  # the newest row's proportions, as stored
+        self._latest_from = self.schedule.latest_effective_from()  # the batch it applies from (only we publish)
         self.history = History(k)
         self.history.append(0, self.schedule.latest().proportions)
         self._feedback = DomainFeedback(k)
@@ -229,12 +230,12 @@ class OnlineMixer:
         if key is None:
             key = p.tobytes()
             if key == self._published and mode == self._published_mode:
-                return self.schedule.latest_effective_from()
+                return self._latest_from
         if q is None:
             q = check_simplex(p, self.num_domains, name="published proportions")
-        effective_from = max(self._effective_from(), self.schedule.latest_effective_from())
+        effective_from = max(self._effective_from(), self._latest_from)
         self.schedule.append(q, effective_from, mode)
-        self._published, self._published_mode, self._latest = key, mode, q
+        self._published, self._published_mode, self._latest, self._latest_from = key, mode, q, effective_from
         every = self.history_every
         if not from_policy or (every is not None and self._num_updates % every == 0):
             self.history.append(self._num_steps, q)
@@ -654,7 +655,7 @@ class OnlineMixer:
         self._evals_missed, self._updates_without_eval = got.evals_missed
         latest = self.schedule.latest()
         self._published, self._published_mode = got.published.tobytes(), latest.mode
-        self._latest = latest.proportions
+        self._latest, self._latest_from = latest.proportions, latest.effective_from
         self._feedback.reset()
         self._collective.gathered.clear()
 
