@@ -276,7 +276,7 @@ class DomainFeedback:
             and loss.dim() == 1
             and domain.shape == loss.shape
         ):
-            values, ids, scalar = loss.detach().numpy(), domain.numpy(), False
+            values, ids, scalar = (loss.detach() if loss.requires_grad else loss).numpy(), domain.numpy(), False
         else:
             values = _host(loss, "loss")
             if values.dtype.kind != "f":

@@ -57,9 +57,9 @@ def ucb_proportions(index: np.ndarray, gamma: float, *, seed: int, step: int) ->
     """``(1−γ)·onehot(argmax u) + γ/K``; ties broken uniformly by a generator keyed on ``(seed, step)``."""
     k = index.shape[0]
     choice = int(index.argmax())
-    top = index[choice]
-    if np.count_nonzero(index == top) > 1:
-        best = np.flatnonzero(index == top)
+    ties = index == index[choice]
+    if np.count_nonzero(ties) > 1:
+        best = np.flatnonzero(ties)
         choice = int(best[np.random.default_rng((seed, step)).integers(best.size)])
     p = np.full(k, gamma / k)
     p[choice] += 1.0 - gamma
