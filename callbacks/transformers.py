@@ -7,7 +7,9 @@ It maps the Trainer's public hooks to mixer calls and does nothing else:
   ``skip_first_batches`` would replay the epoch on resume (the loader resumes itself);
 * ``compute_loss`` (every micro-batch, training only): the Trainer's own loss for the backward pass, and
   ``mixer.observe(domain, per_sample_losses, weight=tokens)`` from the logits — each sequence's token-mean
-  loss, weighted by its token count;
+  loss, weighted by its token count; for packed batches (``MixtureLoader(pack_length=T)``) the per-token losses
+  ``[B, T]`` with ``token_domain``, each target token credited to its own domain (labels made from the ids,
+  ignored at padding and at every document start, so no loss crosses documents);
 * ``on_step_end`` (every optimizer step, so once per gradient-accumulation window): ``mixer.step()``;
 * ``log``: the Trainer's training logs gain ``mix/p/<domain>`` and ``mix/loss/<domain>``, so every reporter
   (TensorBoard, W&B, ``state.log_history``) gets them;
@@ -24,10 +26,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from odm._checks import check_int
 from odm._dist import all_reduce_host, distributed
+from odm.callbacks.causal_lm import causal_lm_sample_losses, causal_lm_token_losses, packed_labels
 from odm.loader import MixtureLoader
 from odm.policies import EVAL_LOSS
 from odm.stats import evaluate_domains
@@ -40,60 +42,26 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "odm.callbacks.transformers needs Hugging Face transformers and accelerate: pip install 'torch-odm[hf]'"
     ) from err
 
-__all__ = ["LOADER_STATE_NAME", "OnlineMixingMixin", "OnlineMixingTrainer", "causal_lm_sample_losses"]
+__all__ = [
+    "LOADER_STATE_NAME",
+    "OnlineMixingMixin",
+    "OnlineMixingTrainer",
+    "causal_lm_sample_losses",
+    "causal_lm_token_losses",
+    "packed_labels",
+]
 
 #: The file inside each checkpoint folder that holds ``loader.state_dict()``.
 LOADER_STATE_NAME = "odm_loader.pt"
 # Keys a MixtureLoader adds to every batch; the model never sees them.
 _BATCH_KEYS = ("domain", "mix_step")
-_IGNORE_INDEX = -100  # transformers' label padding
+# Keys of a packed batch (odm.packing) that are odm's own and no model argument: dropped before the model.
+_PACKED_KEYS = ("token_domain", "cu_seqlens", "max_seqlen")
 _NEEDS_LABELS = (
     "OnlineMixingTrainer needs the batch's `labels` ([B, T] token ids, -100 where nothing is predicted; a collator "
     "sets them, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)) and the model's `logits` for "
     "per-sequence losses; override `sample_losses(outputs, labels)` for a model that is not a causal LM"
 )
-
-
-def causal_lm_sample_losses(
-    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sequence's token-mean cross-entropy and its number of predicted tokens.
-
-    ``loss_i = Σ_t ce(logits[i, t], labels[i, t+1]) / n_i`` over the ``n_i`` positions whose label is not
-    ``-100`` (a sequence without any gets loss 0 and count 0, so it weighs nothing). Computed in float32
-    without a graph: it is feedback for the mixer, the backward pass uses the Trainer's own loss.
-
-    Args:
-        logits: ``[B, T, V]``.
-        labels: ``[B, T]`` token ids, ``-100`` where nothing is predicted (transformers' convention).
-        shift: predict ``labels[:, t+1]`` from ``logits[:, t]`` (causal LMs, labels aligned with the inputs);
-            ``False`` when the labels are already shifted (a collator's ``shift_labels``).
-
-    Returns:
-        ``(losses [B], tokens [B])``, float32, on the logits' device.
-
-    Example:
-        >>> logits = torch.zeros(2, 3, 4)                     # uniform over 4 tokens: ln 4 per token
-        >>> labels = torch.tensor([[1, 2, 3], [1, 2, -100]])
-        >>> losses, tokens = causal_lm_sample_losses(logits, labels)
-        >>> [round(x, 4) for x in losses.tolist()], tokens.tolist()
-        ([1.3863, 1.3863], [2.0, 1.0])
-    """
-    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"`logits` must be [B, T, V] and `labels` [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    with torch.no_grad():
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        b, t = labels.shape
-        ce = F.cross_entropy(
-            logits.reshape(b * t, -1).float(), labels.reshape(-1), ignore_index=_IGNORE_INDEX, reduction="none"
-        ).view(b, t)
-        mask = labels != _IGNORE_INDEX
-        tokens = mask.sum(dim=1).float()
-        losses = (ce * mask).sum(dim=1) / tokens.clamp_min(1.0)
-    return losses, tokens
 
 
 class OnlineMixingMixin:
@@ -164,13 +132,22 @@ class OnlineMixingMixin:
 
     # -- feedback --------------------------------------------------------------------------------------------
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(inputs, Mapping) or "domain" not in inputs:
+        if not isinstance(inputs, Mapping) or ("domain" not in inputs and "token_domain" not in inputs):
             raise TypeError(
-                "OnlineMixingTrainer trains on odm.MixtureLoader batches (a mapping with 'domain'); got a "
-                f"{type(inputs).__name__}" + (f" with keys {sorted(inputs)}" if isinstance(inputs, Mapping) else "")
+                "OnlineMixingTrainer trains on odm.MixtureLoader batches (a mapping with 'domain', or 'token_domain' "
+                f"when packed); got a {type(inputs).__name__}"
+                + (f" with keys {sorted(inputs)}" if isinstance(inputs, Mapping) else "")
             )
         inputs = dict(inputs)  # the Trainer's loop keeps its own dict (it counts tokens and FLOPs from it)
-        self._mix_domain = inputs.pop("domain")
+        if "token_domain" in inputs:  # packed: per-token domains; labels made here unless the batch has them
+            self._mix_domain = inputs["token_domain"]
+            for key in _PACKED_KEYS:
+                inputs.pop(key, None)
+            if "labels" not in inputs and "shift_labels" not in inputs:
+                ids = inputs[getattr(self.loader.dataset, "tokens_key", "input_ids")]
+                inputs["labels"] = packed_labels(ids, self._mix_domain, inputs.get("position_ids"))
+        else:
+            self._mix_domain = inputs.pop("domain")
         mix_step = inputs.pop("mix_step", None)
         self._mix_step = None if mix_step is None else int(mix_step)
         try:
@@ -190,9 +167,16 @@ class OnlineMixingMixin:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(_NEEDS_LABELS)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)  # type: ignore[misc]
-        losses, tokens = self.sample_losses(outputs, labels, shifted=shifted)
-        self.mixer.observe(domain, losses, weight=tokens, mix_step=self._mix_step)
-        self._add_to_window(domain, losses, tokens)
+        if domain.ndim > 1:  # packed: each target token's loss to its own domain; unpredicted tokens count nowhere
+            token_losses, mask = self.token_losses(outputs, labels, shifted=shifted)
+            ids = torch.where(mask, domain.to(token_losses.device), -1)
+            packed = {"token_domain": ids} | ({} if self._mix_step is None else {"mix_step": self._mix_step})
+            self.mixer.observe(packed, token_losses)
+            self._add_to_window(ids[mask], token_losses[mask], torch.ones_like(token_losses[mask]))
+        else:
+            losses, tokens = self.sample_losses(outputs, labels, shifted=shifted)
+            self.mixer.observe(domain, losses, weight=tokens, mix_step=self._mix_step)
+            self._add_to_window(domain, losses, tokens)
         return (loss, outputs) if return_outputs else loss
 
     def sample_losses(self, outputs: Any, labels: Any, *, shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +190,18 @@ class OnlineMixingMixin:
         if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
             raise TypeError(_NEEDS_LABELS)
         return causal_lm_sample_losses(logits, labels, shift=not shifted)
+
+    def token_losses(self, outputs: Any, labels: Any, *, shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token losses ``[B, T]`` of a packed micro-batch, each at its target token's position (aligned
+        with ``token_domain``), and the mask of tokens that have one.
+
+        Default: a causal LM's (:func:`~odm.callbacks.causal_lm.causal_lm_token_losses`). Override for another
+        kind of model.
+        """
+        logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+        if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise TypeError(_NEEDS_LABELS)
+        return causal_lm_token_losses(logits, labels, shift=not shifted)
 
     def _add_to_window(self, domain: torch.Tensor, losses: torch.Tensor, tokens: torch.Tensor) -> None:
         k = self.mixer.num_domains
@@ -322,6 +318,15 @@ class OnlineMixingTrainer(OnlineMixingMixin, Trainer):  # type: ignore[misc]
     per-sequence token-mean losses from the logits go to ``loader.mixer.observe(…, weight=tokens)``, and
     ``loader.mixer.step()`` runs once per optimizer step (gradient accumulation included). Under DDP
     (``torchrun``) each rank's loader draws its own shard and every rank steps the mixer (one all_reduce).
+
+    Packed sequences (``MixtureLoader(pack_length=T)``): a batch carries ``input_ids``, ``token_domain`` and
+    ``position_ids`` ``[B, T]`` (restarting at 0 at every document and row start). The trainer makes the
+    ``labels`` (unless the batch has them): the ids, ``-100`` at padding (``token_domain == -1``) and where
+    ``position_ids == 0``, so no token is predicted from the previous document; ``token_domain``,
+    ``cu_seqlens`` and ``max_seqlen`` never reach the model, ``position_ids`` do (attention kernels that read
+    them keep documents apart; others attend across them). The feedback is per token
+    (:meth:`token_losses`): each predicted token's loss is credited to its own domain,
+    ``mixer.observe({"token_domain": …}, losses [B, T])``; ``mix/loss/<domain>`` is then the token mean.
 
     Args:
         loader: the :class:`odm.MixtureLoader` to train on (instead of ``train_dataset``). Its ``batch_size``

@@ -93,7 +93,10 @@ class _Exhausted(Exception):
 class _DomainStream:
     """One domain's stream in one shard: the source plus its explicit position ``(epoch, position)``."""
 
-    __slots__ = ("_it", "epoch", "max_passes", "name", "num_shards", "position", "seed", "shard", "source", "work")
+    __slots__ = (
+        "_it", "epoch", "max_passes", "name", "num_shards", "position", "seed", "shard", "skeletons", "snap",
+        "source", "width", "work",
+    )  # fmt: skip
 
     def __init__(self, name: str, source: Source, shard: int, num_shards: int, seed: int, max_passes: int | None):
         self.name, self.source, self.shard, self.num_shards = name, source, shard, num_shards
@@ -101,6 +104,11 @@ class _DomainStream:
         self.epoch = 0
         self.position = 0
         self._it: Iterator[Any] | None = None
+        # A source that resumes from snapshots of its own state (odm.hf_sources.HFIterableSource): the columns its
+        # snapshot takes in the stream row, the one restored for the current pass, the skeletons to decode it.
+        self.width: int = getattr(source, "snapshot_width", 0)
+        self.snap: list[int] | None = None
+        self.skeletons: Mapping[int, str] | None = None
         # After a resume on another topology (odm.topology): the rest of the begun passes this shard reads first.
         # While it does, `epoch` is -(i + 1) for plan item i.
         self.work: Work | None = None
@@ -114,13 +122,10 @@ class _DomainStream:
                     prog = self.work.plan[-self.epoch - 1]
                     self._it = open_progression(self.source, prog, start=self.position, seed=self.seed)
                 else:
-                    self._it = self.source.open(
-                        shard=self.shard,
-                        num_shards=self.num_shards,
-                        epoch=self.epoch,
-                        start=self.position,
-                        seed=self.seed,
-                    )
+                    where: dict[str, Any] = {"shard": self.shard, "num_shards": self.num_shards, "epoch": self.epoch}
+                    if self.width and self.snap is not None:
+                        where |= {"snapshot": self.snap, "skeletons": self.skeletons}
+                    self._it = self.source.open(**where, start=self.position, seed=self.seed)
             except Exception as err:
                 raise self.error(err, self.position) from err
         return self._it
@@ -138,6 +143,13 @@ class _DomainStream:
         self.position += got
         return got
 
+    def snapshot(self) -> list[int]:
+        """The snapshot columns of this stream's row: the open pass's newest snapshot, else the restored one,
+        else none (``-1``)."""
+        it = self._it
+        snap = self.snap if it is None else getattr(it, "snapshot", None)
+        return [-1] * self.width if snap is None else snap
+
     def error(self, err: Exception, item: int) -> RuntimeError:
         if isinstance(err, RuntimeError) and str(err).startswith("the source of domain"):
             return err
@@ -150,7 +162,7 @@ class _DomainStream:
         """Moves to the next item of a resharding plan; False when not inside one or at its last item."""
         if self.epoch >= 0 or self.work is None or -self.epoch >= len(self.work.plan):
             return False
-        self.epoch, self.position, self._it = self.epoch - 1, 0, None
+        self.epoch, self.position, self._it, self.snap = self.epoch - 1, 0, None, None
         return True
 
     def next_pass(self) -> bool:
@@ -161,6 +173,7 @@ class _DomainStream:
         self.epoch = nxt
         self.position = 0
         self._it = None
+        self.snap = None
         return True
 
 
@@ -268,7 +281,10 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         self.rank = 0
         self.world_size = 1
         self.attach_state = False
-        # Shared (1 + num_workers, 1 + 3K) int64 block, or None: row 0 holds the next global batch in column 0;
+        # {skeleton id: skeleton} of the sources' state snapshots (odm.hf_state), set by the loader before the
+        # workers start: what a restored snapshot is decoded with.
+        self.skeletons: dict[int, str] = {}
+        # Shared (1 + num_workers, state_width) int64 block, or None: row 0 holds the next global batch in column 0;
         # row 1 + slot holds that slot's stream state (see MixtureIterator.state_row), -1 when fresh.
         self.resume: torch.Tensor | None = None
 
@@ -290,9 +306,15 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         return len(self.domains)
 
     @property
+    def snapshot_widths(self) -> list[int]:
+        """Per domain, the columns its source's state snapshot takes at the end of a stream row (0: none)."""
+        return [getattr(s, "snapshot_width", 0) for s in self.sources]
+
+    @property
     def state_width(self) -> int:
-        """Length of a slot's stream-state row (:class:`StreamRow`), as for ``odm.packing``'s dataset."""
-        return StreamRow.width(self.num_domains)
+        """Length of a slot's stream-state row: the :class:`StreamRow`, then each snapshot's columns (as for
+        ``odm.packing``'s dataset)."""
+        return StreamRow.width(self.num_domains) + sum(self.snapshot_widths)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -334,16 +356,24 @@ class MixtureIterator:
         self._arange = np.arange(dataset.batch_size)
         self._row: tuple[np.ndarray, int] = (np.ones(dataset.num_domains), 0)
         self._row_count = -1  # the schedule's row count when self._row was the newest row, else -1
+        # Streams whose source takes state snapshots: their columns end the row, in domain order.
+        self._snapshotting = [s for s in self.streams if s.width]
+        for s in self._snapshotting:
+            s.skeletons = dataset.skeletons
         if dataset.resume is not None:
             self._load_row(dataset.resume[1 + slot].numpy())
 
     # -- state ------------------------------------------------------------------------------------------------
     def _load_row(self, row: np.ndarray) -> None:
-        state = StreamRow.unpack(row, self.ds.num_domains)
+        base = StreamRow.width(self.ds.num_domains)
+        state = StreamRow.unpack(row[:base], self.ds.num_domains)
         if state.next_batch == FRESH:  # this slot has not produced a batch yet
             return
         for s, e, pos in zip(self.streams, state.epochs, state.positions):
             s.epoch, s.position, s._it = e, pos, None
+        tail = [int(v) for v in row[base:]]
+        for s in self._snapshotting:
+            s.snap, tail = (tail[: s.width] if tail[0] >= 0 else None), tail[s.width :]
         self.active = np.asarray(state.active, dtype=bool)
         self._num_active = int(self.active.sum())
         self._active_row = self.active.astype(int).tolist()
@@ -357,9 +387,22 @@ class MixtureIterator:
 
     def state_row(self, next_batch: int) -> list[int]:
         """This slot's stream state as one flat row: ``self.state(next_batch).pack()``, built directly (it
-        travels with every batch)."""
+        travels with every batch), then the snapshot columns of the sources that take them."""
         streams = self.streams
-        return [next_batch, *[s.epoch for s in streams], *[s.position for s in streams], *self._active_row]
+        row = [next_batch, *[s.epoch for s in streams], *[s.position for s in streams], *self._active_row]
+        for s in self._snapshotting:
+            row += s.snapshot()
+        return row
+
+    def _fresh_skeletons(self) -> dict[int, str] | None:
+        """The snapshot skeletons first seen since the last batch (they go to the main process once)."""
+        out = None
+        for s in self._snapshotting:
+            fresh = getattr(s._it, "fresh", None)
+            if fresh:
+                out = {**(out or {}), **fresh}
+                fresh.clear()
+        return out
 
     # -- iteration -------------------------------------------------------------------------------------------
     def __iter__(self) -> MixtureIterator:
@@ -393,6 +436,8 @@ class MixtureIterator:
             batch = {"data": batch, "domain": domain, "mix_step": b}
         if attach:
             batch[STATE_KEY] = {"slot": self.slot, "row": self.state_row(b + 1)}
+            if self._snapshotting:
+                batch[STATE_KEY]["skeletons"] = self._fresh_skeletons()
         return batch
 
     def _collate_error(self, b: int, samples: list[Any], ids: np.ndarray, err: Exception) -> Exception:

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from odm._checks import check_choice, check_int
+from odm._checks import check_choice, check_int, is_int
 from odm._dist import comm_device, distributed, rank_world
 from odm.dataset import STATE_KEY, MixtureDataset
+from odm.hf_state import skeleton_id
 from odm.loader_state import CONFIG_KEYS, SlotRows, check_streams, config_diff, require
 from odm.mixer import OnlineMixer
 from odm.packing import PackedMixtureDataset
@@ -36,7 +37,12 @@ from odm.topology import check_strided, plans_for, plans_from_state, plans_to_st
 
 __all__ = ["MixtureLoader"]
 
-_STATE_VERSION = 3
+_STATE_VERSION = 4
+#: Older versions still loaded: 3 had no source state snapshots (its rows end with the active flags).
+_LOADS = (3, 4)
+#: Skeletons of source state snapshots kept by the main process (more are not learnt: those snapshots go
+#: unused and a resume skips instead).
+MAX_SKELETONS = 256
 #: The mixer payload carrying this rank's stream rows at the cut (see OnlineMixer.register_payload).
 PAYLOAD = "loader/streams"
 # DataLoader arguments that make no sense for a dataset that yields whole batches.
@@ -182,8 +188,9 @@ class MixtureLoader(torch.utils.data.DataLoader):
         dataset.schedule = self.mixer.schedule
         dataset.attach_state = True
         self._num_slots = max(1, num_workers)  # each worker serves one slot; no workers: one slot
-        row_len = dataset.state_width if isinstance(dataset, PackedMixtureDataset) else None
-        self._slot_rows = SlotRows(self._num_slots, dataset.num_domains, row_len=row_len)
+        self._slot_rows = SlotRows(self._num_slots, dataset.num_domains, row_len=dataset.state_width)
+        # {skeleton id: skeleton} of the sources' state snapshots the workers reported (odm.hf_state).
+        self._skeletons: dict[int, str] = {}
         # The shared block the workers read where to start from (see MixtureDataset.resume).
         self._start_rows = torch.full((1 + self._num_slots, self._slot_rows.row_len), -1, dtype=torch.int64)
         dataset.resume = self._start_rows.share_memory_()
@@ -271,6 +278,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
             self.mixer.check_agreement()
             self._agreed = True
         start = self._slot_rows.fill(self._start_rows)  # written before the workers (re)start: all of them read it
+        if isinstance(ds, MixtureDataset):
+            ds.skeletons = self._skeletons  # (workers take a copy when they start)
         n = self.num_batches
         remaining = -1 if n is None else n - start % n
         sync = ds.exhausted != "restart" and distributed(group)
@@ -296,6 +305,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
         """Yields the batches of ``it``, recording each one's stream rows; ``remaining`` < 0: no end."""
         take = self._slot_rows.take
         served = self.mixer.note_served
+        skeletons = self._skeletons
         from_numpy = torch.from_numpy
         # With several workers the DataLoader skips a worker whose slot is spent and serves the others' batches:
         # under "stop" the first missing batch index ends the iteration.
@@ -306,6 +316,9 @@ class MixtureLoader(torch.utils.data.DataLoader):
         for batch in it if remaining < 0 else islice(it, remaining):
             state = batch.pop(STATE_KEY)
             b = batch["mix_step"]
+            fresh = state.get("skeletons")
+            if fresh and len(skeletons) < MAX_SKELETONS:
+                skeletons.update(fresh)
             if "domain" in batch:  # packed batches carry `token_domain` instead
                 batch["domain"] = from_numpy(batch["domain"])
             take(b, state["slot"], state["row"])
@@ -382,8 +395,36 @@ class MixtureLoader(torch.utils.data.DataLoader):
             "next_batch": int(next_batch),
             "streams": streams,  # [rank][slot] -> stream row
             "plans": None if plans is None else plans_to_state(plans),  # after a resume on another topology
+            "snapshots": self._snapshots_state(streams),
             "mixer": self.mixer.state_dict(),
         }
+
+    def _widths(self) -> list[int]:
+        """Per domain, the snapshot columns that end each stream row (none for a packed loader)."""
+        ds = self.dataset
+        return ds.snapshot_widths if isinstance(ds, MixtureDataset) else [0] * ds.num_domains  # type: ignore[attr-defined]
+
+    def _snapshots_state(self, streams: list[Any]) -> dict[str, Any]:
+        """The snapshot layout and the skeletons the rows refer to (an unknown one is left out: that slot's
+        resume skips instead)."""
+        widths, at = self._widths(), self._slot_rows.row_len - sum(self._widths())
+        ids: set[int] = set()
+        for w in widths:
+            ids.update(int(row[at + 1]) for rows in streams for row in rows if w and row[at] >= 0)
+            at += w
+        return {"widths": widths, "skeletons": [self._skeletons[i] for i in sorted(ids) if i in self._skeletons]}
+
+    def _saved_widths(self, state_dict: Mapping[str, Any], num_domains: int) -> tuple[list[int], list[str]]:
+        """A checkpoint's snapshot widths per domain and skeletons (version 3: none)."""
+        if state_dict["version"] == 3:
+            return [0] * num_domains, []
+        snaps = require(state_dict, "snapshots")
+        widths, skeletons = require(snaps, "widths", path="snapshots"), require(snaps, "skeletons", path="snapshots")
+        if not (isinstance(widths, list) and len(widths) == num_domains and all(is_int(w) and w >= 0 for w in widths)):
+            raise ValueError(f"loader state snapshots.widths must be {num_domains} integers >= 0, got {widths!r:.80}")
+        if not (isinstance(skeletons, list) and all(isinstance(x, str) for x in skeletons)):
+            raise ValueError(f"loader state snapshots.skeletons must be a list of strings, got {skeletons!r:.80}")
+        return [int(w) for w in widths], skeletons
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, reshard: bool = False, domains: str = "same") -> None:
         """Resumes from :meth:`state_dict`: the next batch is the one after the cut, bit for bit, on every rank.
@@ -408,8 +449,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 "again after loading"
             )
         version = require(state_dict, "version")
-        if version != _STATE_VERSION:
-            raise ValueError(f"loader state has version {version!r}, expected {_STATE_VERSION}")
+        if version not in _LOADS:
+            raise ValueError(f"loader state has version {version!r}, expected one of {list(_LOADS)}")
         saved = require(state_dict, "config")
         for key in CONFIG_KEYS:
             require(saved, key, path="config")
@@ -433,14 +474,23 @@ class MixtureLoader(torch.utils.data.DataLoader):
         saved_plans = state_dict.get("plans")
         plans = None if saved_plans is None else plans_from_state(saved_plans)
         old_world, old_slots = int(saved["dp_world_size"]), int(saved["num_slots"])
+        widths = self._widths()
+        saved_widths, skeletons = self._saved_widths(state_dict, len(saved["domains"]))
+        base = self._slot_rows.row_len - sum(widths)  # the rows without their snapshot columns
+        saved_base = 1 + 3 * len(saved["domains"]) if remap else base
         streams = check_streams(
             require(state_dict, "streams"),
             world=old_world,
             num_slots=old_slots,
-            row_len=1 + 3 * len(saved["domains"]) if remap else self._slot_rows.row_len,
+            row_len=saved_base + sum(saved_widths),
+            num_domains=len(saved["domains"]),
             flags=not isinstance(ds, PackedMixtureDataset),
             min_epoch=0 if plans is None else -max(len(w.plan) for shard in plans for w in shard),
         )
+        # Snapshots are kept where the layout is unchanged; elsewhere none (those slots resume by skipping).
+        keep = saved_widths == widths and not remap and (old_world, old_slots) == (dp_world, self._num_slots)
+        tails = [[row[saved_base:] if keep else [-1] * sum(widths) for row in rows] for rows in streams]
+        streams = [[row[:saved_base] for row in rows] for rows in streams]
         if remap:
             if plans is not None or isinstance(ds, PackedMixtureDataset):
                 raise ValueError("domains='remap' needs a checkpoint of an unpacked loader that was not resharded")
@@ -450,9 +500,13 @@ class MixtureLoader(torch.utils.data.DataLoader):
                 raise ValueError("reshard=True needs an unpacked loader whose workers have not started yet")
             check_strided(ds.domains, ds.sources, min(old_world * old_slots, dp_world * self._num_slots))
             plans = plans_for(streams, plans, dp_world * self._num_slots)
-            streams = [[[-1] * self._slot_rows.row_len] * self._num_slots for _ in range(dp_world)]
+            streams = [[[-1] * base] * self._num_slots for _ in range(dp_world)]
+            tails = [[[-1] * sum(widths)] * self._num_slots for _ in range(dp_world)]
+        streams = [[row + tail for row, tail in zip(rows, ts)] for rows, ts in zip(streams, tails)]
         self.mixer.load_state_dict(require(state_dict, "mixer"), path="mixer", domains="remap" if remap else "same")
         ds.plans = plans
+        for skeleton in skeletons:
+            self._skeletons[skeleton_id(skeleton)] = skeleton
         self._slot_rows.restore(next_batch, streams[dp_rank])
         self._loaded = (next_batch, streams)
 

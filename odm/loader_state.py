@@ -156,13 +156,21 @@ def config_diff(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> str:
 
 
 def check_streams(
-    streams: Any, *, world: int, num_slots: int, row_len: int, flags: bool = True, min_epoch: int = 0
+    streams: Any,
+    *,
+    world: int,
+    num_slots: int,
+    row_len: int,
+    num_domains: int,
+    flags: bool = True,
+    min_epoch: int = 0,
 ) -> list[list[list[int]]]:
     """``streams[rank][slot]`` as int rows, checked for shape and range; errors name the entry.
 
-    ``flags``: whether the row ends in K active flags (a packed row ends in its token deficits and carry);
+    ``flags``: whether the epochs and positions are followed by K active flags (a packed row has its token
+    deficits and carry there); after them may come source state snapshots (any integers);
     ``min_epoch``: negative while a resharding plan is read (see :mod:`odm.topology`)."""
-    k = (row_len - 1) // 3  # StreamRow.width(k) == row_len (a packed row has two entries more)
+    k = num_domains
 
     def fail(path: str, what: str) -> ValueError:
         return ValueError(f"loader state streams{path} {what}")
@@ -180,7 +188,7 @@ def check_streams(
             if not isinstance(row, list | tuple) or len(row) != row_len or not all(is_int(v) for v in row):
                 raise fail(path, f"must be {row_len} integers, got {row!r:.120}")
             row = [int(v) for v in row]
-            epochs, positions, rest = row[1 : 1 + k], row[1 + k : 1 + 2 * k], row[1 + 2 * k :]
+            epochs, positions, rest = row[1 : 1 + k], row[1 + k : 1 + 2 * k], row[1 + 2 * k : 1 + 3 * k]
             if row[0] == FRESH:
                 if any(v != FRESH for v in row):
                     raise fail(path, f"is marked fresh (-1) but holds positions: {row}")

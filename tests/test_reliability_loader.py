@@ -127,7 +127,7 @@ def test_zero_and_one_worker_read_the_same_one_shard_so_either_resumes_the_other
         (lambda s: s.pop("streams"), "loader state is missing 'streams'"),
         (lambda s: s["config"].pop("seed"), "loader state is missing 'config.seed'"),
         (lambda s: s.pop("mixer"), "loader state is missing 'mixer'"),
-        (lambda s: s.update(version=2), "loader state has version 2, expected 3"),
+        (lambda s: s.update(version=2), r"loader state has version 2, expected one of \[3, 4\]"),
         (lambda s: s.update(config=[1, 2]), "loader state.config must be a mapping"),
         (lambda s: s.update(next_batch=-4), "`next_batch` must be an integer >= 0, got -4"),
         (
