@@ -286,7 +286,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         self.skeletons: dict[int, str] = {}
         # Shared (1 + num_workers, state_width) int64 block, or None: row 0 holds the next global batch in column 0;
         # row 1 + slot holds that slot's stream state (see MixtureIterator.state_row), -1 when fresh.
-        self.resume: torch.Tensor | None = None
+        self.start_rows: torch.Tensor | None = None
 
     def _check_max_passes(self, max_passes: Any) -> list[int | None]:
         k = len(self.domains)
@@ -319,7 +319,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        start = 0 if self.resume is None else max(0, int(self.resume[0, 0]))
+        start = 0 if self.start_rows is None else max(0, int(self.start_rows[0, 0]))
         return MixtureIterator(self, slot=(worker + start) % num_workers, num_slots=num_workers, start=start)
 
 
@@ -360,8 +360,8 @@ class MixtureIterator:
         self._snapshotting = [s for s in self.streams if s.width]
         for s in self._snapshotting:
             s.skeletons = dataset.skeletons
-        if dataset.resume is not None:
-            self._load_row(dataset.resume[1 + slot].numpy())
+        if dataset.start_rows is not None:
+            self._load_row(dataset.start_rows[1 + slot].numpy())
 
     # -- state ------------------------------------------------------------------------------------------------
     def _load_row(self, row: np.ndarray) -> None:

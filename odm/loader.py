@@ -191,9 +191,9 @@ class MixtureLoader(torch.utils.data.DataLoader):
         self._slot_rows = SlotRows(self._num_slots, dataset.num_domains, row_len=dataset.state_width)
         # {skeleton id: skeleton} of the sources' state snapshots the workers reported (odm.hf_state).
         self._skeletons: dict[int, str] = {}
-        # The shared block the workers read where to start from (see MixtureDataset.resume).
+        # The shared block the workers read where to start from (see MixtureDataset.start_rows).
         self._start_rows = torch.full((1 + self._num_slots, self._slot_rows.row_len), -1, dtype=torch.int64)
-        dataset.resume = self._start_rows.share_memory_()
+        dataset.start_rows = self._start_rows.share_memory_()
         self.mixer.register_payload(PAYLOAD, self._slot_rows.payload, self._num_slots * self._slot_rows.row_len)
         # A checkpoint loaded since the last cut: (next batch, every rank's rows) — what state_dict() returns
         # until the next step() gathers fresh rows.

@@ -179,7 +179,7 @@ class PackedMixtureDataset(torch.utils.data.IterableDataset):
         self.attach_state = False
         # Shared (1 + num_workers, state_width) int64 block, or None: row 0 column 0 holds the next global batch;
         # row 1 + slot holds that slot's PackingIterator.state_row, column 0 = -1 while fresh.
-        self.resume: torch.Tensor | None = None
+        self.start_rows: torch.Tensor | None = None
         # A packed loader does not resume on another topology (its carried documents and deficits are per slot).
         self.plans: None = None
 
@@ -195,10 +195,10 @@ class PackedMixtureDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> PackingIterator:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        start = 0 if self.resume is None else max(0, int(self.resume[0, 0]))
+        start = 0 if self.start_rows is None else max(0, int(self.start_rows[0, 0]))
         it = PackingIterator(self, slot=(worker + start) % num_workers, num_slots=num_workers, start=start)
-        if self.resume is not None:
-            it.load_row(self.resume[1 + it.slot].tolist())
+        if self.start_rows is not None:
+            it.load_row(self.start_rows[1 + it.slot].tolist())
         return it
 
 

@@ -214,7 +214,7 @@ def test_resume_through_the_shared_block_under_two_workers_continues_bit_for_bit
 
     def loader(resume: torch.Tensor | None):
         ds = PackedMixtureDataset(sources, batch_size=2, pack_length=96, seed=1)
-        ds.attach_state, ds.resume = True, resume
+        ds.attach_state, ds.start_rows = True, resume
         return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
 
     whole = [b for _, b in zip(range(14), loader(None))]
