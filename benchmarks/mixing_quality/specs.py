@@ -52,6 +52,12 @@ VARIANTS = [
     Spec("ado-short", "ado", {"start_step": 50, "update_interval": 50}),
     # DynamixSFT anchors its exploration to "the collection's own proportions" (its `prior`): the natural sizes.
     Spec("dynamix-natural", "dynamix", {"prior": "natural"}),
+    # The credit and temperatures DynamixSFT's default was chosen against on the tuning seeds (docs/policies.md;
+    # in the tuning results of 2026-11-29 these are `dynamix-natural-t0.5/t2/t4`, and the default is
+    # `dynamix-natural-lookahead`).
+    Spec("dynamix-natural-own", "dynamix", {"prior": "natural", "credit": "own", "temperature": 0.5}),
+    Spec("dynamix-natural-own-t2", "dynamix", {"prior": "natural", "credit": "own", "temperature": 2.0}),
+    Spec("dynamix-natural-own-t4", "dynamix", {"prior": "natural", "credit": "own", "temperature": 4.0}),
     # Velocitune's `horizon` is the run's planned number of updates (a fact about the run, not a tuned value).
     Spec("velocitune", "velocitune", {"horizon": "steps"}),
 ]

@@ -86,13 +86,25 @@ def test_matches_the_slow_reference(seed, granularity, credit):
 def test_in_the_demo_world_it_starves_the_domain_that_never_improves_and_beats_uniform(seed):
     """The paper's claim: rewards from held-out improvement tilt the prior towards the domains that help and
     away from one that does not (the demo's pure-noise domain), while the prior keeps every domain sampled."""
-    result = simulate(DynamixSFT(), steps=3000, simulator=LossSimulator.demo(), seed=seed)
+    # credit="own": with per-sample mixing the default look-ahead credit cannot separate the domains (the next
+    # test); crediting each domain with its own held-out drop is the mechanism under test here.
+    result = simulate(DynamixSFT(credit="own"), steps=3000, simulator=LossSimulator.demo(), seed=seed)
     uniform = simulate("uniform", steps=3000, simulator=LossSimulator.demo(), seed=seed)
     mean = result.proportions.mean(axis=0)
     assert result.domains[int(mean.argmin())] == "noise" and mean[3] < 0.2, mean
     assert result.proportions.min() >= 0.05 * 0.25 - 1e-12  # γ·prior
     learnable = slice(0, 3)
     assert result.eval_loss[-1, learnable].mean() < uniform.eval_loss[-1, learnable].mean() - 0.005
+
+
+@pytest.mark.slow
+def test_the_default_lookahead_credit_stays_near_the_prior_when_every_batch_mixes_domains():
+    """What the benchmark chose on its tuning seeds (no collapse on a real corpus) costs this: per-sample
+    mixing gives every domain about the same look-ahead credit, so the proportions stay within noise of the
+    prior even in a world with a pure-noise domain (where credit="own" starves it to < 0.2: the test above)."""
+    result = simulate(DynamixSFT(), steps=3000, simulator=LossSimulator.demo(), seed=0)
+    mean = result.proportions.mean(axis=0)
+    np.testing.assert_allclose(mean, 0.25, atol=0.03)
 
 
 def test_without_a_reward_signal_the_prior_is_kept():
