@@ -143,9 +143,7 @@ class OnlineMixingMixin:
             self._mix_domain = inputs["token_domain"]
             for key in _PACKED_KEYS:
                 inputs.pop(key, None)
-            if "labels" not in inputs and "shift_labels" not in inputs:
-                ids = inputs[getattr(self.loader.dataset, "tokens_key", "input_ids")]
-                inputs["labels"] = packed_labels(ids, self._mix_domain, inputs.get("position_ids"))
+            self._label_packed(inputs)
         else:
             self._mix_domain = inputs.pop("domain")
         mix_step = inputs.pop("mix_step", None)
@@ -154,6 +152,21 @@ class OnlineMixingMixin:
             return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
         finally:
             self._mix_domain = None
+
+    def _label_packed(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Gives a packed batch without ``labels`` its labels (in place): the ids, ``-100`` at padding and at each
+        document start."""
+        if "token_domain" in inputs and "labels" not in inputs and "shift_labels" not in inputs:
+            ids = inputs[getattr(self.loader.dataset, "tokens_key", "input_ids")]
+            inputs["labels"] = packed_labels(ids, inputs["token_domain"], inputs.get("position_ids"))
+        return inputs
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's micro-batches of one optimizer step, packed ones labelled first: the Trainer counts the
+        predicted tokens of all of them (``num_items_in_batch``) to normalise the loss under gradient
+        accumulation, and a batch without labels would not be counted."""
+        labelled = (self._label_packed(b) if isinstance(b, dict) else b for b in epoch_iterator)
+        return super().get_batch_samples(labelled, num_batches, *args, **kwargs)  # type: ignore[misc]
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any

@@ -125,6 +125,40 @@ def test_a_packed_run_credits_each_domain_exactly_its_predicted_tokens(tmp_path:
     assert all(f"mix/loss/{d}" in train_logs[-1] for d in DOMAINS)
 
 
+class ItemCountingTrainer(PackedRecordingTrainer):
+    """Records the token count the Trainer normalises each micro-batch's loss by (``num_items_in_batch``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_items: list[int] = []
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
+        self.num_items.append(int(kwargs["num_items_in_batch"]))
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+
+def test_under_gradient_accumulation_the_loss_is_normalised_by_the_predicted_tokens_of_the_whole_step(
+    tmp_path: Path,
+) -> None:
+    loader = make_packed_loader()
+    trainer = ItemCountingTrainer(
+        loader, model=make_model(), args=make_args(tmp_path, max_steps=3, save_steps=100, gradient_accumulation_steps=2)
+    )
+    trainer.train()
+    # Independently: the predicted tokens of both micro-batches of each optimizer step (not the first of a row, not
+    # a document start, not padding).
+    per_batch = [
+        sum(
+            row_positions[t] != 0 and row_domains[t] >= 0
+            for row_domains, row_positions in zip(domains, positions)
+            for t in range(1, SEQ)
+        )
+        for _, domains, _, positions in trainer.batches
+    ]
+    expected = [per_batch[i] + per_batch[i + 1] for i in range(0, len(per_batch), 2) for _ in range(2)]
+    assert trainer.num_items == expected
+
+
 @pytest.mark.parametrize(("accumulation", "num_workers"), [(1, 0), (2, 2)])
 def test_a_packed_run_resumes_with_the_uninterrupted_runs_batches_and_proportions(
     tmp_path: Path, accumulation: int, num_workers: int
