@@ -42,18 +42,8 @@ def causal_lm_sample_losses(
         >>> [round(x, 4) for x in losses.tolist()], tokens.tolist()
         ([1.3863, 1.3863], [2.0, 1.0])
     """
-    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"`logits` must be [B, T, V] and `labels` [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
     with torch.no_grad():
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        b, t = labels.shape
-        ce = F.cross_entropy(
-            logits.reshape(b * t, -1).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(b, t)
-        mask = labels != IGNORE_INDEX
+        ce, mask = _target_ce(logits, labels, shift=shift, drop_last=False)
         tokens = mask.sum(dim=1).float()
         losses = (ce * mask).sum(dim=1) / tokens.clamp_min(1.0)
     return losses, tokens
@@ -78,25 +68,36 @@ def causal_lm_token_losses(
         >>> [round(x, 4) for x in losses[0].tolist()], mask[0].tolist()
         ([0.0, 1.3863, 0.0], [False, True, False])
     """
-    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"`logits` must be [B, T, V] and `labels` [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
     with torch.no_grad():
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        else:  # shift_labels[:, t] is the target of position t + 1; its last column predicts past the row
-            logits, labels = logits[:, :-1], labels[:, :-1]
-        b, t = labels.shape
-        ce = F.cross_entropy(
-            logits.reshape(b * t, -1).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(b, t)
-        mask = labels != IGNORE_INDEX
+        # (shift_labels[:, t] is the target of position t + 1: its last column predicts past the row)
+        ce, mask = _target_ce(logits, labels, shift=shift, drop_last=True)
+        b, t = mask.shape
         losses = torch.zeros(b, t + 1, dtype=torch.float32, device=ce.device)
         keep = torch.zeros(b, t + 1, dtype=torch.bool, device=ce.device)
         losses[:, 1:] = torch.where(mask, ce, 0.0)
         keep[:, 1:] = mask
     return losses, keep
+
+
+def _target_ce(
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, drop_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce [B, T'], mask [B, T'])``: each prediction's cross-entropy in float32 (0 where ignored) and where a
+    label is. ``shift``: ``labels`` are unshifted (the target of position ``t`` is ``labels[:, t + 1]``);
+    otherwise they are shifted already, and ``drop_last`` drops the last position (it predicts past the row)."""
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"`logits` must be [B, T, V] and `labels` [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    elif drop_last:
+        logits, labels = logits[:, :-1], labels[:, :-1]
+    b, t = labels.shape
+    ce = F.cross_entropy(
+        logits.reshape(b * t, -1).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(b, t)
+    return ce, labels != IGNORE_INDEX
 
 
 def packed_labels(

@@ -106,9 +106,16 @@ class RecordingTrainer(OnlineMixingTrainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
 
-def train(out: Path, *, resume: Path | None = None, loader: odm.MixtureLoader | None = None, **kwargs: Any):  # type: ignore[no-untyped-def]
+def train(  # type: ignore[no-untyped-def]
+    out: Path,
+    *,
+    resume: Path | None = None,
+    loader: odm.MixtureLoader | None = None,
+    trainer_cls: type = RecordingTrainer,
+    **kwargs: Any,
+):
     loader = loader if loader is not None else make_loader()
-    trainer = RecordingTrainer(loader, model=make_model(), args=make_args(out, **kwargs))
+    trainer = trainer_cls(loader, model=make_model(), args=make_args(out, **kwargs))
     recording = Recording(loader.mixer)
     trainer.add_callback(recording)
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
@@ -186,22 +193,27 @@ def test_mix_loss_is_the_token_weighted_mean_of_each_domains_sequences_since_the
             assert f"mix/loss/{name}" not in log
 
 
+def assert_resumes_exactly(tmp_path: Path, train_fn: Any, make: Any, accumulation: int, num_workers: int) -> None:
+    """Train 6 steps, and 3 more from the checkpoint at step 3: the second run sees the first run's batches and
+    proportions from there on, and ends with the same parameters, bit for bit."""
+    kwargs = dict(gradient_accumulation_steps=accumulation, max_steps=6, save_steps=3)
+    whole, whole_rec = train_fn(tmp_path / "a", loader=make(num_workers=num_workers), **kwargs)
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    assert (checkpoint / LOADER_STATE_NAME).is_file()
+    resumed, resumed_rec = train_fn(tmp_path / "b", resume=checkpoint, loader=make(num_workers=num_workers), **kwargs)
+    assert resumed.batches == whole.batches[3 * accumulation :]
+    assert resumed_rec.proportions == {s: p for s, p in whole_rec.proportions.items() if s > 3}
+    assert len({tuple(p) for p in whole_rec.proportions.values()}) > 1, "the policy moved the proportions"
+    assert resumed.loader.mixer.state_dict()["history"] == whole.loader.mixer.state_dict()["history"]
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("accumulation", "num_workers"), [(1, 0), (2, 2)])
 def test_resume_from_a_checkpoint_continues_with_the_uninterrupted_runs_batches_and_proportions(
     tmp_path: Path, accumulation: int, num_workers: int
 ) -> None:
-    kwargs = dict(gradient_accumulation_steps=accumulation, max_steps=6, save_steps=3)
-    whole, whole_rec = train(tmp_path / "a", loader=make_loader(num_workers=num_workers), **kwargs)
-    checkpoint = tmp_path / "a" / "checkpoint-3"
-    assert (checkpoint / LOADER_STATE_NAME).is_file()
-    resumed, resumed_rec = train(
-        tmp_path / "b", resume=checkpoint, loader=make_loader(num_workers=num_workers), **kwargs
-    )
-    assert resumed.batches == whole.batches[3 * accumulation :]
-    assert resumed_rec.proportions == {s: p for s, p in whole_rec.proportions.items() if s > 3}
-    assert resumed.loader.mixer.state_dict()["history"] == whole.loader.mixer.state_dict()["history"]
-    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_resumes_exactly(tmp_path, train, make_loader, accumulation, num_workers)
 
 
 def test_resume_with_true_takes_the_last_checkpoint_in_the_output_dir(tmp_path: Path) -> None:

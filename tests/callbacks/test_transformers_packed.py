@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("transformers", reason="the [hf] extra is not installed")
 
-from test_transformers import BATCH, DOMAINS, SEQ, Recording, make_args, make_model
+from test_transformers import BATCH, DOMAINS, SEQ, assert_resumes_exactly, make_args, make_model
+from test_transformers import train as train_any
 
 import odm
 from odm.callbacks.transformers import (
-    LOADER_STATE_NAME,
     OnlineMixingTrainer,
     causal_lm_token_losses,
     packed_labels,
@@ -67,11 +67,7 @@ class PackedRecordingTrainer(OnlineMixingTrainer):
 
 def train(out: Path, *, resume: Path | None = None, loader: odm.MixtureLoader | None = None, **kwargs: Any):  # type: ignore[no-untyped-def]
     loader = loader if loader is not None else make_packed_loader()
-    trainer = PackedRecordingTrainer(loader, model=make_model(), args=make_args(out, **kwargs))
-    recording = Recording(loader.mixer)
-    trainer.add_callback(recording)
-    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
-    return trainer, recording
+    return train_any(out, resume=resume, loader=loader, trainer_cls=PackedRecordingTrainer, **kwargs)
 
 
 def test_token_losses_sit_at_their_target_token_and_match_a_token_by_token_loop() -> None:
@@ -163,15 +159,4 @@ def test_under_gradient_accumulation_the_loss_is_normalised_by_the_predicted_tok
 def test_a_packed_run_resumes_with_the_uninterrupted_runs_batches_and_proportions(
     tmp_path: Path, accumulation: int, num_workers: int
 ) -> None:
-    kwargs = dict(gradient_accumulation_steps=accumulation, max_steps=6, save_steps=3)
-    whole, whole_rec = train(tmp_path / "a", loader=make_packed_loader(num_workers=num_workers), **kwargs)
-    checkpoint = tmp_path / "a" / "checkpoint-3"
-    assert (checkpoint / LOADER_STATE_NAME).is_file()
-    resumed, resumed_rec = train(
-        tmp_path / "b", resume=checkpoint, loader=make_packed_loader(num_workers=num_workers), **kwargs
-    )
-    assert resumed.batches == whole.batches[3 * accumulation :]
-    assert resumed_rec.proportions == {s: p for s, p in whole_rec.proportions.items() if s > 3}
-    assert len({tuple(p) for p in whole_rec.proportions.values()}) > 1, "the policy moved the proportions"
-    for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_resumes_exactly(tmp_path, train, make_packed_loader, accumulation, num_workers)
