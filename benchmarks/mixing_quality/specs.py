@@ -37,7 +37,8 @@ VARIANTS = [
     Spec("natural", "natural"),
     Spec("odm-paper", "odm", {"variant": "paper"}),
     Spec("odm-released", "odm", {"variant": "released"}),
-    Spec("exp3s-progress", "exp3s", {"reward": "progress"}),
+    Spec("exp3s-progress", "exp3s", {"reward": "progress"}),  # (EXP3.S's default since 2026-11-29)
+    Spec("exp3s-loss", "exp3s", {"reward": "loss"}),
     Spec("exp3-progress", "exp3", {"reward": "progress"}),
     # the best static prior as the starting point of the best bandit: does adapting on top of it help?
     Spec("exp3s-progress-natural", "exp3s", {"reward": "progress", "prior": "natural"}),

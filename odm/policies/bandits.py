@@ -415,12 +415,14 @@ class EXP3S(EXP3):
         prior: initial weights ``π``, to which the shared weight also flows back (normalised, every entry > 0);
             default uniform.
         reward, loss_smoothing, progress_smoothing, scale_decay: see :class:`BanditPolicy`. The default reward
-            is ``"loss"`` (the classic bandit, ODM's reward); prefer ``"progress"`` when a domain may be
-            unlearnable (evidence in ``docs/policies.md``).
+            is ``"progress"`` — EXP3.S with learning progress is Graves et al.'s (2017) curriculum bandit, and a
+            loss reward chases data that cannot be learned; with the corpus' natural sizes as ``prior`` it is the
+            benchmark's recommended rule (``docs/policies.md``). ``reward="loss"`` is the classic bandit on
+            ODM's reward.
 
     Example:
         >>> from odm.policies import DomainStats
-        >>> policy = EXP3S(gamma=0.2, alpha=0.01).bind(2)
+        >>> policy = EXP3S(gamma=0.2, alpha=0.01, reward="loss").bind(2)
         >>> policy.update(DomainStats.from_losses([3.0, float("nan")], [0.5, 0.5]))
         >>> policy.proportions.round(4)
         array([0.5389, 0.4611])
@@ -437,12 +439,7 @@ class EXP3S(EXP3):
         prior: Sequence[float] | np.ndarray | None = None,
         **rewards: Unpack[RewardOptions],
     ) -> None:
-        super().__init__(
-            gamma,
-            eta=eta,
-            prior=prior,
-            **rewards,
-        )
+        super().__init__(gamma, eta=eta, prior=prior, **{"reward": "progress", **rewards})
         self.alpha = check_open_unit("alpha", alpha)
 
     def _init_state(self, num_domains: int) -> None:

@@ -180,7 +180,7 @@ def test_negative_losses_are_shifted_with_one_warning_and_still_move_the_policy(
     """Log-likelihood-like losses (all negative): clipping them to 0 left the policy uniform forever."""
     rng = np.random.default_rng(5)
     k = 4
-    policy = cls(0.1, eta=0.5).bind(k)
+    policy = cls(0.1, eta=0.5, reward="loss").bind(k)
     rewards = ReferenceRewards(k, "loss", 0.9, 0.9, 0.999)
     reference = ReferenceEXP3(k, 0.1, 0.5, rewards) if cls is EXP3 else ReferenceEXP3S(k, 0.1, 0.5, 1e-3, rewards)
     with pytest.warns(RuntimeWarning, match="negative loss") as record:
@@ -195,7 +195,7 @@ def test_negative_losses_are_shifted_with_one_warning_and_still_move_the_policy(
 def test_exp3s_recovers_faster_than_exp3_when_the_best_domain_changes() -> None:
     """Domain 0 has the highest loss for 3000 updates, then domain 1: weight sharing lets EXP3.S follow."""
     results = {}
-    for policy in (EXP3(0.05, eta=0.05), EXP3S(0.05, eta=0.05, alpha=1e-3)):
+    for policy in (EXP3(0.05, eta=0.05), EXP3S(0.05, eta=0.05, alpha=1e-3, reward="loss")):
         policy.bind(3)
         rng = np.random.default_rng(0)
         for t in range(1, 4001):
@@ -239,6 +239,10 @@ def test_loss_reward_chases_the_noise_domain_and_progress_reward_leaves_it(seed:
     progress = [cls(reward="progress") for cls in (EXP3, EXP3S, UCB1, DiscountedUCB, SlidingWindowUCB)]
     for policy in progress:
         assert learnable_and_noise_run(policy, seed)[3] < uniform - 0.03, policy
+    # EXP3.S's default is the progress reward (the benchmark's recommended rule): it leaves the noise domain too,
+    # where the same bandit on the loss reward chases it.
+    assert learnable_and_noise_run(EXP3S(), seed)[3] < uniform - 0.03
+    assert learnable_and_noise_run(EXP3S(reward="loss"), seed)[3] > uniform + 0.05
 
 
 def test_defaults_and_registry() -> None:

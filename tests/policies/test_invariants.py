@@ -46,7 +46,7 @@ POLICIES: dict[str, tuple[Callable[[], Policy], Callable[[Policy, int], float]]]
     "odm-released": (lambda: ODM("released"), odm_floor),
     "exp3-loss": (lambda: EXP3(), gamma_floor),
     "exp3-progress": (lambda: EXP3(0.3, eta=0.5, reward="progress"), gamma_floor),
-    "exp3s-loss": (lambda: EXP3S(alpha=0.01), gamma_floor),
+    "exp3s-loss": (lambda: EXP3S(alpha=0.01, reward="loss"), gamma_floor),
     "exp3s-progress": (lambda: EXP3S(reward="progress", scale_decay=1.0), gamma_floor),
     "ucb1": (lambda: UCB1(), gamma_floor),
     "ucb1-ema-progress": (lambda: UCB1(0.5, reward_smoothing=0.8, reward="progress"), gamma_floor),
