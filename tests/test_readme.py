@@ -155,4 +155,3 @@ def test_every_readme_python_block_runs_as_written(
             assert shown is not None, "the simulate block is followed by its output"
             expected = [line.split("#")[0].strip() for line in shown.group(1).splitlines()]
             assert capsys.readouterr().out.splitlines() == expected
-
