@@ -49,6 +49,7 @@ from odm.feedback import (
 from odm.history import History
 from odm.mixer_state import STATE_VERSION, check_state
 from odm.policies import EVAL_LOSS, DomainStats, Policy, get_policy
+from odm.policies.base import vouches_for_update
 from odm.policies.constraints import Constraints
 from odm.remap import remap_mixer_state
 from odm.schedule import MODE_EXACT, MODE_SAMPLE, ProportionSchedule, check_simplex
@@ -127,6 +128,8 @@ class OnlineMixer:
         self.history_every = check_int(history_every, "history_every", low=1, allow_none=True)
         self.seed = check_seed(seed)
         self.policy = get_policy(policy).bind(len(self.domains))
+        # A policy whose update keeps the simplex by construction is published without another check.
+        self._vouched = vouches_for_update(self.policy)
         # Only a held-out policy is watched for missing evaluations (_track_evals).
         self._tracks_evals = type(self.policy).wants_eval is not Policy.wants_eval or EVAL_LOSS in self.policy.requires
         # In updates: a row published after batch b applies from batch b + 1 + delay, which falls in the
@@ -495,7 +498,7 @@ class OnlineMixer:
             if key == self._published and self._mode() == self._published_mode:
                 p = None  # nothing to publish
             else:
-                q = self._check_output(p)
+                q = p if self._vouched and self.constraints is None else self._check_output(p)
         # Commit: nothing below raises.
         self._feedback.reset()
         if gathered:

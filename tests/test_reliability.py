@@ -179,6 +179,28 @@ def test_a_policy_that_returns_nan_is_refused_before_anything_is_published():
     assert (mixer.num_steps, mixer.num_updates) == (0, 0)
 
 
+class _BrokenEXP3(odm.policies.EXP3):
+    """Inherits EXP3's `simplex_update` flag but not the update it vouches for."""
+
+    def update(self, stats: DomainStats) -> None:
+        super().update(stats)
+        self._p = self._p - 1.0
+
+
+def test_only_the_update_a_class_vouches_for_skips_the_publish_check():
+    # EXP3's own update keeps the simplex by construction: its vector is published as it is, bit for bit.
+    mixer = odm.OnlineMixer(_names(3), odm.policies.EXP3())
+    mixer.observe([0, 1, 2], [1.0, 2.0, 3.0])
+    mixer.step()
+    assert mixer.schedule.latest().proportions.tobytes() == mixer.policy.proportions.tobytes()
+    # A subclass that overrides update inherits the flag, not the trust: its output is checked again.
+    mixer = odm.OnlineMixer(_names(3), _BrokenEXP3())
+    mixer.observe([0, 1, 2], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"`_BrokenEXP3's proportions` must be non-negative"):
+        mixer.step()
+    assert mixer.num_updates == 0
+
+
 def test_bad_accelerator_ids_drop_that_step_only(monkeypatch):
     monkeypatch.setattr(odm.feedback, "_CPU_ON_HOST", False)
     rec = Recorder()

@@ -349,6 +349,7 @@ class EXP3(BanditPolicy):
     """
 
     name = "exp3"
+    simplex_update = True  # (1 − γ)·softmax + γ/K
 
     def __init__(
         self,
@@ -429,6 +430,7 @@ class EXP3S(EXP3):
     """
 
     name = "exp3s"
+    simplex_update = True  # (1 − γ)·w/Σw + γ/K
 
     def __init__(
         self,

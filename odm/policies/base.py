@@ -194,6 +194,12 @@ def check_stats(stats: DomainStats, num_domains: int, policy: str, *, losses: bo
     return total if total > 0 else 0.0
 
 
+def vouches_for_update(policy: Policy) -> bool:
+    """Whether ``policy``'s ``update`` is one whose class sets :attr:`Policy.simplex_update`."""
+    owner = next(c for c in type(policy).__mro__ if "update" in c.__dict__)
+    return bool(owner.__dict__.get("simplex_update", False))
+
+
 def _plain_config(value: Any) -> Any:
     """A configuration value as plain, comparable Python (arrays as lists, callables by name)."""
     if isinstance(value, np.ndarray):
@@ -226,6 +232,12 @@ class Policy(ABC):
     requires: ClassVar[frozenset[str]] = frozenset({TRAIN_LOSS})
     #: Version of the ``state_dict`` layout; bump when it changes.
     state_version: ClassVar[int] = 1
+    #: True when this class's own :meth:`update` leaves the proportions on the simplex by construction (finite,
+    #: ``>= 0``, summing to 1 up to rounding) whenever :func:`check_stats` accepted the statistics, so the mixer
+    #: publishes them without checking them again. It vouches for the ``update`` defined in the class that sets
+    #: it: a subclass that overrides ``update`` is checked again unless it sets the flag itself
+    #: (:func:`vouches_for_update`).
+    simplex_update: ClassVar[bool] = False
     _config_args: tuple[tuple[Any, ...], dict[str, Any]]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:

@@ -144,6 +144,7 @@ class ODM(Policy):
     """
 
     name = "odm"
+    simplex_update = True  # (1 − K·ε)·softmax + ε
 
     def __init__(
         self,
