@@ -46,10 +46,11 @@ _TINY = 1e-300  # denominator floor: a pull count of 0 is handled apart
 
 def ucb_index(means: np.ndarray, pulls: np.ndarray, c: float) -> np.ndarray:
     """``u_i = r̄_i + c·sqrt(2·ln n / n_i)`` with ``n = max(Σ n_i, 1)``; ``+∞`` where ``n_i = 0``."""
-    total = max(float(np.add.reduce(pulls)), 1.0)
-    index = means + np.sqrt((2.0 * c * c * math.log(total)) / np.maximum(pulls, _TINY))  # c·sqrt(x) = sqrt(c²x)
-    if np.count_nonzero(pulls) < pulls.shape[0]:  # an arm never pulled (pulls are >= 0; early on only)
-        index[pulls <= 0] = np.inf
+    scale = 2.0 * c * c * math.log(max(float(np.add.reduce(pulls)), 1.0))  # c·sqrt(x) = sqrt(c²·x)
+    if np.count_nonzero(pulls) == pulls.shape[0]:  # every arm pulled (pulls are >= 0): the hot path
+        return means + np.sqrt(scale / pulls)
+    index = means + np.sqrt(scale / np.maximum(pulls, _TINY))
+    index[pulls <= 0] = np.inf
     return index
 
 
