@@ -130,8 +130,9 @@ class OnlineMixer:
         self.policy = get_policy(policy).bind(len(self.domains))
         # A policy whose update keeps the simplex by construction is published without another check.
         self._vouched = vouches_for_update(self.policy)
-        # Only a held-out policy is watched for missing evaluations (_track_evals).
-        self._tracks_evals = type(self.policy).wants_eval is not Policy.wants_eval or EVAL_LOSS in self.policy.requires
+        # Only a held-out policy is asked whether it wants an evaluation, and watched for missing ones.
+        self._asks_eval = type(self.policy).wants_eval is not Policy.wants_eval or "wants_eval" in vars(self.policy)
+        self._tracks_evals = self._asks_eval or EVAL_LOSS in self.policy.requires
         # In updates: a row published after batch b applies from batch b + 1 + delay, which falls in the
         # (delay // update_every + 1)-th update after this one (one batch per step).
         # In updates, rounded up: an update that mixes batches drawn before and after a publish counts as old.
@@ -363,7 +364,7 @@ class OnlineMixer:
 
         When True, evaluate and pass the per-domain sums and counts to :meth:`observe_eval` before that step.
         """
-        if (self._num_steps + 1) % self.update_every:
+        if not self._asks_eval or (self._num_steps + 1) % self.update_every:
             return False
         return bool(self.policy.wants_eval(self._num_updates + 1))
 
@@ -525,7 +526,7 @@ class OnlineMixer:
 
     def _update(self, pending: np.ndarray) -> DomainStats | None:
         """Feeds the policy the statistics since the last update; returns them (``None``: no update)."""
-        k = self.num_domains
+        k = len(self.domains)
         rows = FeedbackRows.domain_rows(pending, k)  # only the rows needed are taken (views)
         # Every row's total in one reduction; COUNT, SAMPLES, NONFINITE, EVAL_COUNT and DRAWN are sums of
         # non-negative numbers, so a zero total means an all-zero row.
