@@ -219,11 +219,6 @@ class OnlineMixer:
     def _mode(self) -> int:
         return MODE_EXACT if (self._override is None and self.policy.exact_counts) else MODE_SAMPLE
 
-    def _repeats(self, p: np.ndarray) -> bool:
-        """Whether publishing ``p`` would repeat the newest row (compared as given: the schedule renormalises,
-        which may move the last bit)."""
-        return p.tobytes() == self._published and self._mode() == self._published_mode
-
     def _publish(
         self, p: np.ndarray, *, from_policy: bool = False, q: np.ndarray | None = None, key: bytes | None = None
     ) -> int:
@@ -495,9 +490,9 @@ class OnlineMixer:
         p = q = key = None
         if stats is not None and self._override is None:
             p = self._constrain(self.policy.proportions)
-            key = p.tobytes()
+            key = p.tobytes()  # compared as given: the schedule's row may differ in the last bit
             if key == self._published and self._mode() == self._published_mode:
-                p = None  # nothing to publish
+                p = None  # nothing to publish: it repeats the newest row
             else:
                 q = p if self._vouched and self.constraints is None else self._check_output(p)
         # Commit: nothing below raises.
