@@ -66,6 +66,14 @@ class RewardOptions(TypedDict, total=False):
     scale_decay: float
 
 
+class _OtherRewardOptions(TypedDict, total=False):
+    """:class:`RewardOptions` without ``reward``, for a bandit that declares its own default reward."""
+
+    loss_smoothing: float
+    progress_smoothing: float
+    scale_decay: float
+
+
 # Smallest proportion used as an importance-weight denominator (a domain drawn under p = 0 can only come from
 # an override; it must not turn into a division by zero).
 MIN_PROPORTION = 1e-12
@@ -439,9 +447,10 @@ class EXP3S(EXP3):
         alpha: float = 1e-3,
         eta: float | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
-        **rewards: Unpack[RewardOptions],
+        reward: str = "progress",
+        **rewards: Unpack[_OtherRewardOptions],
     ) -> None:
-        super().__init__(gamma, eta=eta, prior=prior, **{"reward": "progress", **rewards})
+        super().__init__(gamma, eta=eta, prior=prior, reward=reward, **rewards)
         self.alpha = check_open_unit("alpha", alpha)
 
     def _init_state(self, num_domains: int) -> None:

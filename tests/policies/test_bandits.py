@@ -249,6 +249,10 @@ def test_defaults_and_registry() -> None:
     assert isinstance(get_policy("exp3"), EXP3) and isinstance(get_policy("exp3s", reward="progress"), EXP3S)
     policy = EXP3().bind(22)
     assert policy.gamma == 0.1 and policy._learning_rate() == pytest.approx(0.1 / 22)
+    # The configuration ranks compare says what each default is (EXP3.S's reward differs from EXP3's).
+    assert (EXP3().reward, EXP3().config()["reward"]) == ("loss", "loss")
+    assert (EXP3S().reward, EXP3S().config()["reward"]) == ("progress", "progress")
+    assert EXP3S(reward="loss").config()["reward"] == "loss"
 
 
 @pytest.mark.parametrize("cls", [EXP3, EXP3S])
