@@ -1,0 +1,121 @@
+"""Where the end-to-end feedback overhead goes inside a Lightning fit (docs/benchmarks.md §2).
+
+``overhead_training.py`` measures what online mixing adds per step; this splits it. The same tiny MLP is trained
+with the same ``MixtureLoader`` (a policy that never moves, so the loader's work is identical) and one of these
+callbacks on ``on_train_batch_end``:
+
+* ``static`` — none;
+* ``no-op`` — a callback that does nothing (Lightning's own cost of one more hook);
+* ``observe`` — ``mixer.observe(batch, per_sample_losses)`` only;
+* ``observe + step`` — and ``mixer.step()``;
+* ``OnlineMixing`` — the real callback (the above plus its checks and its log window).
+
+Variants are interleaved (a b c …, a b c …); the figure is the median process-CPU time per steady-state step and
+its difference to ``static``. The lesson it gave (2026-11-29): inside a training loop these calls cost 3–4×
+what ``overhead.py`` measures in a tight loop, because the step has just evicted the caches.
+
+Run: ``python benchmarks/overhead_breakdown.py [--repeats 3] [--steps 1200]``; prints a table and writes
+``benchmarks/results/overhead_breakdown-<hardware>-<yyyymmdd>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, write_results
+from overhead_training import Module, StepClock, make_loader, make_sources
+
+from odm.callbacks import OnlineMixing
+
+VARIANTS = ("static", "no-op", "observe", "observe + step", "OnlineMixing")
+
+
+class _Feed(pl.Callback):
+    """``observe`` (and ``step`` when ``step``) on every batch; nothing when ``mixer`` is None."""
+
+    def __init__(self, mixer: Any, *, step: bool) -> None:
+        self.mixer, self.step = mixer, step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        if self.mixer is None:
+            return
+        self.mixer.observe(batch, outputs["sample_losses"].detach())
+        if self.step:
+            self.mixer.step()
+
+
+def run(variant: str, sources: dict[str, list[Any]], cfg: argparse.Namespace) -> float:
+    """CPU µs per steady-state step of one fit."""
+    torch.manual_seed(0)
+    loader = make_loader("feedback only", sources, cfg)  # a uniform policy: the loader never re-plans
+    callbacks: list[pl.Callback] = {
+        "static": [],
+        "no-op": [_Feed(None, step=False)],
+        "observe": [_Feed(loader.mixer, step=False)],
+        "observe + step": [_Feed(loader.mixer, step=True)],
+        "OnlineMixing": [OnlineMixing(loader)],
+    }[variant]
+    clock = StepClock(cfg.warmup)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=cfg.steps,
+        callbacks=[*callbacks, clock],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Module(cfg), train_dataloaders=loader)
+    return (clock.end[1] - clock.start[1]) / (cfg.steps - cfg.warmup) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1200, help="training steps per fit (default 1200)")
+    parser.add_argument("--warmup", type=int, default=200, help="steps not timed at the start (default 200)")
+    parser.add_argument("--repeats", type=int, default=3, help="fits per variant, interleaved (default 3)")
+    parser.add_argument("--domains", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    cfg = parser.parse_args(argv)
+    if not 0 <= cfg.warmup < cfg.steps or cfg.repeats < 1:
+        parser.error(f"need 0 <= --warmup < --steps and --repeats >= 1, got {cfg.warmup}, {cfg.steps}, {cfg.repeats}")
+    cfg.lr, cfg.policy = 1e-3, "uniform"
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", module="lightning")
+    sources = make_sources(cfg.domains, cfg.dim, 4000)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(cfg.repeats):
+        for variant in VARIANTS:
+            times[variant].append(run(variant, sources, cfg))
+    base = statistics.median(times["static"])
+    rows = [[v, f"{statistics.median(t):.0f}", f"{statistics.median(t) - base:+.0f}"] for v, t in times.items()]
+    table = markdown_table(["callback", "CPU µs/step", "µs over static"], rows)
+    notes = (
+        f"MLP {cfg.dim}→{cfg.width}→{cfg.width}→1, batch {cfg.batch_size}, K = {cfg.domains}, a policy that never "
+        f"moves, {cfg.steps} steps ({cfg.warmup} not timed), {cfg.repeats} interleaved fits per variant, medians."
+    )
+    print(table)
+    print()
+    print(notes)
+    if not cfg.no_write:
+        config = {k: v for k, v in vars(cfg).items() if k != "no_write"}
+        paths = write_results("overhead_breakdown", config=config, results=times, table=table, notes=notes)
+        print(f"\nwrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
