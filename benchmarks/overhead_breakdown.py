@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_results
-from overhead_training import Module, StepClock, make_loader, make_sources
+from overhead_training import Module, StepClock, bare_trainer, make_loader, make_sources
 
 from odm.callbacks import OnlineMixing
 
@@ -65,17 +65,7 @@ def run(variant: str, sources: dict[str, list[Any]], cfg: argparse.Namespace) ->
         "OnlineMixing": [OnlineMixing(loader)],
     }[variant]
     clock = StepClock(cfg.warmup)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=cfg.steps,
-        callbacks=[*callbacks, clock],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(Module(cfg), train_dataloaders=loader)
+    bare_trainer(cfg.steps, [*callbacks, clock]).fit(Module(cfg), train_dataloaders=loader)
     return (clock.end[1] - clock.start[1]) / (cfg.steps - cfg.warmup) * 1e6
 
 

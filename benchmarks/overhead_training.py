@@ -113,19 +113,23 @@ def run_lightning(variant: str, sources: dict[str, list[Any]], cfg: argparse.Nam
     # The mixing callback sits before the clock: its on_train_batch_end is inside the timed step.
     feedback = variant in ("online", "feedback only")
     callbacks: list[pl.Callback] = [OnlineMixing(loader)] if feedback else []
-    trainer = pl.Trainer(
+    t0 = time.perf_counter()
+    bare_trainer(cfg.steps, [*callbacks, clock]).fit(Module(cfg), train_dataloaders=loader)
+    return _timing(clock.start, clock.end, cfg.steps - cfg.warmup, time.perf_counter() - t0)
+
+
+def bare_trainer(steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A CPU ``Trainer`` doing nothing but the steps and ``callbacks``: no logger, bar, summary or checkpoints."""
+    return pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=cfg.steps,
-        callbacks=[*callbacks, clock],
+        max_steps=steps,
+        callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    t0 = time.perf_counter()
-    trainer.fit(Module(cfg), train_dataloaders=loader)
-    return _timing(clock.start, clock.end, cfg.steps - cfg.warmup, time.perf_counter() - t0)
 
 
 def run_plain(variant: str, sources: dict[str, list[Any]], cfg: argparse.Namespace) -> Timing:
