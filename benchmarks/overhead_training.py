@@ -62,7 +62,8 @@ def make_loader(variant: str, sources: dict[str, list[Any]], cfg: argparse.Names
         stream = [s for samples in sources.values() for s in samples]
         return torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, shuffle=True)
     policy = cfg.policy if variant == "online" else "uniform"  # a uniform policy never moves
-    return odm.MixtureLoader(sources, batch_size=cfg.batch_size, policy=policy, seed=0)
+    every = getattr(cfg, "update_every", 1)
+    return odm.MixtureLoader(sources, batch_size=cfg.batch_size, policy=policy, seed=0, update_every=every)
 
 
 class Module(pl.LightningModule):
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--width", type=int, default=256, help="hidden width of the 3-layer MLP")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--policy", default="exp3", help="the online policy")
+    parser.add_argument("--update-every", type=int, default=1, help="policy updates every N steps (default 1)")
     parser.add_argument("--frameworks", nargs="+", default=["lightning", "plain"], choices=["lightning", "plain"])
     parser.add_argument("--tag", default="", help="suffix of the results name (e.g. `small` for a larger model)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
