@@ -128,8 +128,6 @@ class OnlineMixer:
         self.history_every = check_int(history_every, "history_every", low=1, allow_none=True)
         self.seed = check_seed(seed)
         self.policy = get_policy(policy).bind(len(self.domains))
-        # A policy whose update keeps the simplex by construction is published without another check.
-        self._vouched = vouches_for_update(self.policy)
         # Only a held-out policy is asked whether it wants an evaluation, and watched for missing ones.
         self._asks_eval = type(self.policy).wants_eval is not Policy.wants_eval or "wants_eval" in vars(self.policy)
         self._tracks_evals = self._asks_eval or EVAL_LOSS in self.policy.requires
@@ -139,6 +137,8 @@ class OnlineMixer:
         self.policy.set_publish_delay(-(-self.delay // self.update_every))
         self.process_group = process_group
         self.constraints = self._build_constraints(floors, ceilings, frozen, constraints)
+        # An update that keeps the simplex by construction is published without another check, unless projected.
+        self._vouched = self.constraints is None and vouches_for_update(self.policy)
         k = len(self.domains)
         p0 = self._constrain(self.policy.proportions)
         self.schedule = ProportionSchedule(k, initial=p0)
@@ -494,7 +494,7 @@ class OnlineMixer:
             if key == self._published and self._mode() == self._published_mode:
                 p = None  # nothing to publish: it repeats the newest row
             else:
-                q = p if self._vouched and self.constraints is None else self._check_output(p)
+                q = p if self._vouched else self._check_output(p)
         # Commit: nothing below raises.
         self._feedback.reset()
         if gathered:

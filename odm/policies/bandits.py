@@ -57,21 +57,18 @@ __all__ = [
 REWARDS = ("loss", "progress")
 
 
-class RewardOptions(TypedDict, total=False):
+class _SmoothingOptions(TypedDict, total=False):
+    """The reward arguments besides ``reward`` itself (for a bandit that declares its own default reward)."""
+
+    loss_smoothing: float
+    progress_smoothing: float
+    scale_decay: float
+
+
+class RewardOptions(_SmoothingOptions, total=False):
     """The reward arguments every bandit takes as keywords (see :class:`BanditPolicy`): declared once here."""
 
     reward: str
-    loss_smoothing: float
-    progress_smoothing: float
-    scale_decay: float
-
-
-class _OtherRewardOptions(TypedDict, total=False):
-    """:class:`RewardOptions` without ``reward``, for a bandit that declares its own default reward."""
-
-    loss_smoothing: float
-    progress_smoothing: float
-    scale_decay: float
 
 
 # Smallest proportion used as an importance-weight denominator (a domain drawn under p = 0 can only come from
@@ -448,7 +445,7 @@ class EXP3S(EXP3):
         eta: float | None = None,
         prior: Sequence[float] | np.ndarray | None = None,
         reward: str = "progress",
-        **rewards: Unpack[_OtherRewardOptions],
+        **rewards: Unpack[_SmoothingOptions],
     ) -> None:
         super().__init__(gamma, eta=eta, prior=prior, reward=reward, **rewards)
         self.alpha = check_open_unit("alpha", alpha)
