@@ -180,14 +180,14 @@ class OnlineMixing(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        losses = self._losses(trainer, pl_module, outputs, batch)
+        domain, losses = self._losses(trainer, pl_module, outputs, batch)
         mixer = self.mixer
         mixer.observe(batch, losses)
-        domain = _domain_ids(batch)
-        losses = losses if losses.ndim else losses.expand(domain.shape)
         if domain.ndim > 1:  # a packed batch: per-token ids and losses, padding (-1) left out of the log
             keep = domain.reshape(-1) >= 0
             domain, losses = domain.reshape(-1)[keep], losses.reshape(-1)[keep]
+        elif not losses.ndim:
+            losses = losses.expand(domain.shape)
         self._window.append((domain, losses))
         step = trainer.global_step
         if step == self._seen_global_step:
@@ -202,8 +202,21 @@ class OnlineMixing(Callback):
             self._log(trainer, step)
 
     # -- feedback --------------------------------------------------------------------------------------------
-    def _losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> torch.Tensor:
-        """The per-sample (or one-domain scalar) losses of ``outputs``, detached, checked against the batch."""
+    def _losses(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's domain ids and the per-sample (or one-domain scalar) losses of ``outputs``, detached,
+        checked against the batch."""
+        if type(outputs) is dict and type(batch) is dict:  # the usual call: dicts from training_step and the loader
+            losses = outputs.get(SAMPLE_LOSSES)
+            domain = batch.get("domain")
+            if (
+                type(losses) is torch.Tensor
+                and type(domain) is torch.Tensor
+                and losses.shape == domain.shape
+                and "token_domain" not in batch
+            ):
+                return domain, losses.detach()
         if not isinstance(batch, Mapping) or ("domain" not in batch and "token_domain" not in batch):
             raise TypeError(
                 "OnlineMixing needs batches with a 'domain' entry (LongTensor[B]) or, packed, a 'token_domain' entry "
@@ -226,7 +239,7 @@ class OnlineMixing(Callback):
                 raise ValueError(
                     f"'{SAMPLE_LOSSES}' must be a {what} (shape {list(domain.shape)}), got {got}: {_WHAT_TO_RETURN}"
                 )
-            return losses.detach()
+            return domain, losses.detach()
         if domain.ndim > 1:
             raise TypeError(
                 f"a packed batch mixes domains within each sequence: training_step must return per-token losses as "
@@ -248,7 +261,7 @@ class OnlineMixing(Callback):
         if pl_module.automatic_optimization:
             # NOTE: Lightning divides the loss it hands back by accumulate_grad_batches; undo that.
             loss = loss * trainer.accumulate_grad_batches
-        return loss.detach()
+        return domain, loss.detach()
 
     def _evaluate(self, pl_module: pl.LightningModule) -> None:
         """Per-domain held-out sums and counts in eval mode under ``no_grad``, handed to the mixer."""

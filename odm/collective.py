@@ -36,6 +36,9 @@ class StepCollective:
         self.group = group
         self.payloads: dict[str, tuple[Callable[[int], np.ndarray], int]] = {}
         self.gathered: dict[str, np.ndarray] = {}
+        # One process: the cut of the last step and the keys then registered, whose payloads are computed when
+        # first read (a payload is a function of the cut alone, so reading it later gives the same numbers).
+        self._deferred: tuple[int, tuple[str, ...]] | None = None
 
     def register(self, key: str, local_fn: Callable[[int], np.ndarray], length: int) -> None:
         """See :meth:`odm.OnlineMixer.register_payload`."""
@@ -51,7 +54,30 @@ class StepCollective:
         """See :meth:`odm.OnlineMixer.gathered`."""
         if key not in self.payloads:
             raise KeyError(f"no payload {key!r} is registered (registered: {sorted(self.payloads)})")
+        if self._deferred is not None:
+            cut, keys = self._deferred
+            self._deferred = None
+            for k in keys:
+                fn, length = self.payloads[k]
+                arr = np.asarray(fn(cut), dtype=np.float64).reshape(1, -1)
+                if arr.shape[1] != length:
+                    raise ValueError(f"payload {k!r} returned {arr.size} numbers, registered with {length}")
+                self.gathered[k] = arr
         return self.gathered.get(key)
+
+    def commit(self, gathered: dict[str, np.ndarray] | None, cut: int) -> None:
+        """Stores a committed step's payloads: ``gathered`` as :meth:`reduce` returned it (``None``: one process,
+        computed from ``cut`` when first read)."""
+        if gathered is None:
+            self._deferred = (cut, tuple(self.payloads)) if self.payloads else None
+        else:
+            self._deferred = None
+            self.gathered.update(gathered)
+
+    def clear(self) -> None:
+        """Forgets every payload value (a restored mixer has stepped on none of this run's batches)."""
+        self._deferred = None
+        self.gathered.clear()
 
     def _segment(self, next_batch: int, cut: int) -> tuple[np.ndarray, BaseException | None]:
         """This rank's segment [next batch, failed flag, payloads…], and the exception a payload raised."""
@@ -71,9 +97,10 @@ class StepCollective:
 
     def reduce(
         self, feedback: DomainFeedback, lookup: Callable[[int], np.ndarray], next_batch: int, cut: int
-    ) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+    ) -> tuple[np.ndarray, int, dict[str, np.ndarray] | None]:
         """One all_reduce: the step's packed statistics summed over the ranks, the batch clock (the largest
-        ``next_batch`` of any rank) and every rank's payloads ``{key: (world, length)}`` (not yet stored).
+        ``next_batch`` of any rank) and every rank's payloads ``{key: (world, length)}`` (not yet stored; in one
+        process ``None``: :meth:`commit` defers them to the first read).
 
         Raises:
             Exception: a payload that failed on this rank (as raised), or ``ValueError`` naming the ranks
@@ -81,14 +108,8 @@ class StepCollective:
         """
         group = self.group
         dist = torch.distributed.is_available() and torch.distributed.is_initialized() and distributed(group)
-        if not dist:  # one process: the payloads are this rank's own, nothing to gather
-            gathered = {}
-            for key, (fn, length) in self.payloads.items():
-                arr = np.asarray(fn(cut), dtype=np.float64).reshape(1, -1)
-                if arr.shape[1] != length:
-                    raise ValueError(f"payload {key!r} returned {arr.size} numbers, registered with {length}")
-                gathered[key] = arr
-            return feedback.reduce(lookup, None, group, dist), next_batch, gathered
+        if not dist:  # one process: the payloads are this rank's own, nothing to gather (read when needed)
+            return feedback.reduce(lookup, None, group, dist), next_batch, None
         tail, error = self._segment(next_batch, cut)
         rank, world = rank_world(group) if dist else (0, 1)
         if world > 1:

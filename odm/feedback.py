@@ -306,8 +306,7 @@ class DomainFeedback:
             sums = np.bincount(ids, values, minlength=k)
             if math.isfinite(sums.dot(sums)):  # (a dot product is the cheapest reduction; overflow: exact path)
                 rows[LOSS] += sums
-                rows[COUNT] += samples
-                rows[SAMPLES] += samples
+                rows[COUNT : SAMPLES + 1] += samples  # unweighted: COUNT and SAMPLES (adjacent rows) alike
                 return n
         values = values.astype(np.float64, copy=False)
         finite = np.isfinite(values)

@@ -362,12 +362,12 @@ class MixtureLoader(torch.utils.data.DataLoader):
         ds = self.dataset
         assert isinstance(ds, MixtureDataset | PackedMixtureDataset)
         cut = self.mixer.cut_batch
+        gathered = self.mixer.gathered(PAYLOAD)  # (read first: in one process it is computed now, moving the cut)
         _, dp_world = self._dp_rank_world()
         if self._loaded is not None and not self._slot_rows.cut_moved:
             next_batch, streams = self._loaded
         elif cut is not None:
             next_batch = cut + 1
-            gathered = self.mixer.gathered(PAYLOAD)
             assert gathered is not None  # set by every step() since the loader registered it
             shape = (len(gathered), self._num_slots, self._slot_rows.row_len)
             streams = np.asarray(gathered, dtype=np.int64).reshape(shape).tolist()

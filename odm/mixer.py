@@ -290,22 +290,27 @@ class OnlineMixer:
         self._served = check_int(mix_step, "mix_step", low=0)
 
     def _check_mix_step(self, mix_step: Any) -> int:
-        if isinstance(mix_step, torch.Tensor) and mix_step.numel() == 1 and not mix_step.is_floating_point():
-            mix_step = mix_step.item()  # a collated batch's index
-        b = mix_step if type(mix_step) is int and mix_step >= 0 else check_int(mix_step, "mix_step", low=0)
-        if self._served is not None and b > self._served:
+        served = self._served
+        if type(mix_step) is not int or mix_step < 0 or (served is not None and mix_step > served):
+            if isinstance(mix_step, torch.Tensor) and mix_step.numel() == 1 and not mix_step.is_floating_point():
+                mix_step = mix_step.item()  # a collated batch's index
+            mix_step = check_int(mix_step, "mix_step", low=0)
+            if served is not None and mix_step > served:
+                raise ValueError(
+                    f"`mix_step`={mix_step} names a batch the loader has not served (the newest batch served is "
+                    f"{served}); pass each batch's own 'mix_step' (or the batch itself) to observe()"
+                )
+        schedule = self.schedule
+        if mix_step >= schedule.latest_effective_from():
+            return mix_step  # under the newest row, which the ring always holds
+        oldest = schedule.oldest_batch()
+        if mix_step < oldest:
             raise ValueError(
-                f"`mix_step`={b} names a batch the loader has not served (the newest batch served is "
-                f"{self._served}); pass each batch's own 'mix_step' (or the batch itself) to observe()"
+                f"`mix_step`={mix_step} names a batch whose proportions row has left the schedule ring (the rows "
+                f"kept apply from batch {oldest} on), so its importance weight is unknown; observe each batch "
+                "before many publishes pass"
             )
-        oldest = self.schedule.oldest_batch()
-        if b < oldest:
-            raise ValueError(
-                f"`mix_step`={b} names a batch whose proportions row has left the schedule ring (the rows kept "
-                f"apply from batch {oldest} on), so its importance weight is unknown; observe each batch before "
-                "many publishes pass"
-            )
-        return b
+        return mix_step
 
     def observe(self, domain: Any, loss: Any, *, weight: Any = None, mix_step: int | None = None) -> None:
         """Accumulates per-domain loss sums and counts for the next step; no host transfer.
@@ -333,7 +338,7 @@ class OnlineMixer:
             TypeError: domain ids that are not integers.
         """
         pad_id = None
-        if not isinstance(domain, torch.Tensor) and isinstance(domain, Mapping):
+        if type(domain) is dict or (not isinstance(domain, torch.Tensor) and isinstance(domain, Mapping)):
             batch = domain
             if mix_step is None and "mix_step" in batch:
                 mix_step = batch["mix_step"]
@@ -400,6 +405,10 @@ class OnlineMixer:
         step, :meth:`gathered` holds every rank's numbers. This is how the loader's stream positions at the cut
         reach every rank without a collective in ``state_dict()``.
 
+        ``local_fn`` must depend on the cut alone (given non-decreasing cuts): in one process there is nothing
+        to gather, so it is called only when :meth:`gathered` is read, with the cut of the last step — one call
+        per checkpoint instead of one per step — and a wrong length raises there instead of in :meth:`step`.
+
         Raises:
             ValueError: an empty key, a key already registered, or a negative length.
         """
@@ -411,6 +420,7 @@ class OnlineMixer:
 
         Raises:
             KeyError: ``key`` was never registered.
+            ValueError: in one process, a payload that returns the wrong number of values.
         """
         return self._collective.get(key)
 
@@ -476,7 +486,7 @@ class OnlineMixer:
                 "because they were on an accelerator); this step's feedback was dropped"
             )
         if not calls:
-            self._collective.gathered.update(gathered)
+            self._collective.commit(gathered, cut)
             self._warn(
                 "idle",
                 "odm: step() was called with no observe() since the previous step(); it changed nothing. Call "
@@ -497,8 +507,7 @@ class OnlineMixer:
                 q = p if self._vouched else self._check_output(p)
         # Commit: nothing below raises.
         self._feedback.reset()
-        if gathered:
-            self._collective.gathered.update(gathered)
+        self._collective.commit(gathered, cut)
         if next_batch > self._next_batch:
             self._next_batch = next_batch
         if cut >= 0:
@@ -656,7 +665,7 @@ class OnlineMixer:
         self._published, self._published_mode = got.published.tobytes(), latest.mode
         self._latest, self._latest_from = latest.proportions, latest.effective_from
         self._feedback.reset()
-        self._collective.gathered.clear()
+        self._collective.clear()
 
     def __repr__(self) -> str:
         return f"OnlineMixer(domains={self.domains}, policy={self.policy!r}, delay={self.delay})"

@@ -196,14 +196,16 @@ class ProportionSchedule:
         """
         rows, count = self._np()
         n = int(count[0])
-        newest = rows[(n - 1) % self.capacity]
-        if newest[0] <= batch:  # the usual case: the batch is under the newest row
-            view = newest[_HEADER:]
-        else:
-            view = rows[self.lookup(batch).position % self.capacity, _HEADER:]
-        view = view.view()
-        view.flags.writeable = False
-        return view
+        capacity = self.capacity
+        # Newest first, as lookup(): the rows newer than `batch` are the few published ahead of it.
+        for i in range(n - 1, max(0, n - capacity) - 1, -1):
+            row = rows[i % capacity]
+            if row[0] <= batch:
+                view = row[_HEADER:]
+                view.flags.writeable = False
+                return view
+        self.lookup(batch)  # raises, naming the oldest row kept
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def latest(self) -> ScheduleRow:
         """The newest row."""

@@ -215,28 +215,43 @@ def test_bad_accelerator_ids_drop_that_step_only(monkeypatch):
     assert (mixer.num_steps, mixer.cut_batch) == (1, 1)
 
 
-def test_a_payload_of_the_wrong_length_fails_the_step_and_changes_nothing():
+def test_a_payload_of_the_wrong_length_is_refused_when_read():
+    # One process: payloads are computed when read, so the wrong length surfaces at gathered(), every time.
     mixer = odm.OnlineMixer(_names(2))
     mixer.register_payload("rows", lambda cut: np.zeros(2), 3)
+    assert mixer.gathered("rows") is None  # before any step
     mixer.observe([0], [1.0], mix_step=0)
+    mixer.step()
     with pytest.raises(ValueError, match=r"payload 'rows' returned 2 numbers, registered with 3"):
-        mixer.step()
-    assert (mixer.num_steps, mixer.cut_batch, mixer.gathered("rows")) == (0, None, None)
+        mixer.gathered("rows")
     with pytest.raises(KeyError, match="no payload 'nope' is registered"):
         mixer.gathered("nope")
     with pytest.raises(ValueError, match="a payload 'rows' is already registered"):
         mixer.register_payload("rows", lambda cut: np.zeros(3), 3)
 
 
-def test_payloads_are_called_with_the_cut_and_gathered_after_each_step():
+def test_payloads_are_called_with_the_cut_of_the_last_step_once_when_read():
     mixer = odm.OnlineMixer(_names(2))
-    mixer.register_payload("rows", lambda cut: np.array([cut, 2 * cut]), 2)
+    cuts: list[int] = []
+    mixer.register_payload("rows", lambda cut: cuts.append(cut) or np.array([cut, 2 * cut]), 2)
     mixer.observe([0], [1.0], mix_step=0)
     mixer.observe([1], [1.0], mix_step=1)
     mixer.step()
     mixer.observe([1], [1.0], mix_step=2)  # after the cut: not in the payload until the next step
     assert mixer.cut_batch == 1
     assert mixer.gathered("rows").tolist() == [[1.0, 2.0]]
+    mixer.step()
+    mixer.observe([0], [1.0], mix_step=3)
+    mixer.step()
+    assert cuts == [1]  # not called by the steps themselves
+    assert mixer.gathered("rows").tolist() == [[3.0, 6.0]]
+    assert mixer.gathered("rows").tolist() == [[3.0, 6.0]]
+    assert cuts == [1, 3]  # once per read after a step, with that step's cut
+    mixer.register_payload("late", lambda cut: np.array([cut]), 1)
+    assert mixer.gathered("late") is None  # registered after the last step: no value yet
+    mixer.observe([0], [1.0], mix_step=4)
+    mixer.step()
+    assert mixer.gathered("late").tolist() == [[4.0]] and mixer.gathered("rows").tolist() == [[4.0, 8.0]]
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------

@@ -199,6 +199,26 @@ def test_a_cut_further_back_than_the_rows_kept_is_an_error_not_a_wrong_checkpoin
         loader.state_dict()
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_many_more_steps_than_rows_kept_between_checkpoints_still_resume_exactly(monkeypatch, num_workers):
+    # One process reads the stream rows at the cut only when a checkpoint asks (not at every step): the rows of
+    # the batches stepped on since must survive the ring's bound, or the resume would be wrong.
+    monkeypatch.setattr(SlotRows, "CAPACITY", 4)
+    sources = {"a": list(range(400)), "b": list(range(1000, 1400))}
+    loader = mixture(sources=sources, policy="exp3", num_workers=num_workers)
+    it = iter(loader)
+    for _ in range(30):  # 30 steps, no checkpoint in between
+        batch = next(it)
+        loader.mixer.observe(batch, batch["domain"].double())
+        loader.mixer.step()
+    state = loader.state_dict()
+    assert state["next_batch"] == 30
+    expected = [next(it)["data"].tolist() for _ in range(10)]
+    again = mixture(sources=sources, policy="exp3", num_workers=num_workers)
+    again.load_state_dict(state)
+    assert [b["data"].tolist() for _, b in zip(range(10), again)] == expected
+
+
 def test_feedback_for_a_batch_the_loader_never_served_is_refused_naming_the_batch():
     loader = mixture()
     batch = next(iter(loader))
