@@ -1,20 +1,23 @@
 """Where the end-to-end feedback overhead goes inside a Lightning fit (docs/benchmarks.md §2).
 
 ``overhead_training.py`` measures what online mixing adds per step; this splits it. The same tiny MLP is trained
-with the same ``MixtureLoader`` (a policy that never moves, so the loader's work is identical) and one of these
-callbacks on ``on_train_batch_end``:
+with the same ``MixtureLoader`` (by default a policy that never moves, so the loader's work is identical; ``--policy
+exp3`` adds the updates and the loader's re-plans to the variants that step) and one of these callbacks on
+``on_train_batch_end``:
 
 * ``static`` — none;
 * ``no-op`` — a callback that does nothing (Lightning's own cost of one more hook);
 * ``observe`` — ``mixer.observe(batch, per_sample_losses)`` only;
 * ``observe + step`` — and ``mixer.step()``;
-* ``OnlineMixing`` — the real callback (the above plus its checks and its log window).
+* ``OnlineMixing`` — the real callback (the above plus its checks and its log window);
+* ``observe + step, paired`` — the same calls as ``observe + step``, but made for two steps at once every
+  other step (not exact online mixing: the measure of what running the mixer's code back to back would save).
 
 Variants are interleaved (a b c …, a b c …); the figure is the median process-CPU time per steady-state step and
 its difference to ``static``. The lesson it gave (2026-11-29): inside a training loop these calls cost 3–4×
 what ``overhead.py`` measures in a tight loop, because the step has just evicted the caches.
 
-Run: ``python benchmarks/overhead_breakdown.py [--repeats 3] [--steps 1200]``; prints a table and writes
+Run: ``python benchmarks/overhead_breakdown.py [--repeats 3] [--steps 1200] [--policy exp3]``; prints a table and writes
 ``benchmarks/results/overhead_breakdown-<hardware>-<yyyymmdd>.{json,md}``.
 """
 
@@ -36,33 +39,43 @@ from overhead_training import Module, StepClock, bare_trainer, make_loader, make
 
 from odm.callbacks import OnlineMixing
 
-VARIANTS = ("static", "no-op", "observe", "observe + step", "OnlineMixing")
+VARIANTS = ("static", "no-op", "observe", "observe + step", "OnlineMixing", "observe + step, paired")
 
 
 class _Feed(pl.Callback):
-    """``observe`` (and ``step`` when ``step``) on every batch; nothing when ``mixer`` is None."""
+    """``observe`` (and ``step`` when ``step``) on every batch, or every other batch for the two last ones
+    (``paired``); nothing when ``mixer`` is None."""
 
-    def __init__(self, mixer: Any, *, step: bool) -> None:
-        self.mixer, self.step = mixer, step
+    def __init__(self, mixer: Any, *, step: bool, paired: bool = False) -> None:
+        self.mixer, self.step, self.paired = mixer, step, paired
+        self._held: list[tuple[Any, Any]] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
         if self.mixer is None:
             return
-        self.mixer.observe(batch, outputs["sample_losses"].detach())
-        if self.step:
-            self.mixer.step()
+        self._held.append((batch, outputs["sample_losses"].detach()))
+        if self.paired and len(self._held) < 2:
+            return
+        for held_batch, losses in self._held:
+            self.mixer.observe(held_batch, losses)
+            if self.step:
+                self.mixer.step()
+        self._held.clear()
 
 
 def run(variant: str, sources: dict[str, list[Any]], cfg: argparse.Namespace) -> float:
     """CPU µs per steady-state step of one fit."""
     torch.manual_seed(0)
-    loader = make_loader("feedback only", sources, cfg)  # a uniform policy: the loader never re-plans
+    # A uniform policy (the default) never moves, so the loader's work is the same in every variant; with
+    # `--policy exp3` the variants that step also pay for the updates and the loader's re-plans.
+    loader = make_loader("online", sources, cfg)
     callbacks: list[pl.Callback] = {
         "static": [],
         "no-op": [_Feed(None, step=False)],
         "observe": [_Feed(loader.mixer, step=False)],
         "observe + step": [_Feed(loader.mixer, step=True)],
         "OnlineMixing": [OnlineMixing(loader)],
+        "observe + step, paired": [_Feed(loader.mixer, step=True, paired=True)],
     }[variant]
     clock = StepClock(cfg.warmup)
     bare_trainer(cfg.steps, [*callbacks, clock]).fit(Module(cfg), train_dataloaders=loader)
@@ -78,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--policy", default="uniform", help="the mixer's policy (default uniform: never moves)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results file")
     cfg = parser.parse_args(argv)
     if not 0 <= cfg.warmup < cfg.steps or cfg.repeats < 1:
         parser.error(f"need 0 <= --warmup < --steps and --repeats >= 1, got {cfg.warmup}, {cfg.steps}, {cfg.repeats}")
-    cfg.lr, cfg.policy = 1e-3, "uniform"
+    cfg.lr = 1e-3
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", module="lightning")
     sources = make_sources(cfg.domains, cfg.dim, 4000)
@@ -94,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[v, f"{statistics.median(t):.0f}", f"{statistics.median(t) - base:+.0f}"] for v, t in times.items()]
     table = markdown_table(["callback", "CPU µs/step", "µs over static"], rows)
     notes = (
-        f"MLP {cfg.dim}→{cfg.width}→{cfg.width}→1, batch {cfg.batch_size}, K = {cfg.domains}, a policy that never "
-        f"moves, {cfg.steps} steps ({cfg.warmup} not timed), {cfg.repeats} interleaved fits per variant, medians."
+        f"MLP {cfg.dim}→{cfg.width}→{cfg.width}→1, batch {cfg.batch_size}, K = {cfg.domains}, policy {cfg.policy}"
+        f"{' (never moves)' if cfg.policy == 'uniform' else ''}, {cfg.steps} steps ({cfg.warmup} not timed), {cfg.repeats} interleaved fits per variant, medians."
     )
     print(table)
     print()

@@ -42,6 +42,10 @@ VARIANTS = [
     Spec("exp3-progress", "exp3", {"reward": "progress"}),
     # the best static prior as the starting point of the best bandit: does adapting on top of it help?
     Spec("exp3s-progress-natural", "exp3s", {"reward": "progress", "prior": "natural"}),
+    # Its step size: Auer's η = γ/K leaves it close to its prior (the 2026-11-29 step-size study, tuning seeds).
+    Spec("exp3s-progress-natural-eta0.05", "exp3s", {"reward": "progress", "prior": "natural", "eta": 0.05}),
+    Spec("exp3s-progress-natural-eta0.2", "exp3s", {"reward": "progress", "prior": "natural", "eta": 0.2}),
+    Spec("exp3s-progress-natural-eta0.8", "exp3s", {"reward": "progress", "prior": "natural", "eta": 0.8}),
     Spec("discounted_ucb-progress", "discounted_ucb", {"reward": "progress"}),
     # The alternatives the exploration and step-size defaults were decided against (see the policies' docstrings).
     Spec("ucb1-gamma0.1", "ucb1", {"gamma": 0.1}),
