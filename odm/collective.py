@@ -56,13 +56,15 @@ class StepCollective:
             raise KeyError(f"no payload {key!r} is registered (registered: {sorted(self.payloads)})")
         if self._deferred is not None:
             cut, keys = self._deferred
-            self._deferred = None
+            got = {}
             for k in keys:
                 fn, length = self.payloads[k]
                 arr = np.asarray(fn(cut), dtype=np.float64).reshape(1, -1)
-                if arr.shape[1] != length:
+                if arr.shape[1] != length:  # (raised again at every read: nothing is stored)
                     raise ValueError(f"payload {k!r} returned {arr.size} numbers, registered with {length}")
-                self.gathered[k] = arr
+                got[k] = arr
+            self.gathered.update(got)
+            self._deferred = None
         return self.gathered.get(key)
 
     def commit(self, gathered: dict[str, np.ndarray] | None, cut: int) -> None:
