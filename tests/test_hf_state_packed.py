@@ -9,14 +9,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import roundtrip
 
 import odm
 from odm.packing import PackedMixtureDataset
 
 datasets = pytest.importorskip("datasets")
 from odm.hf_sources import HFIterableSource  # noqa: E402
-
-from conftest import roundtrip  # noqa: E402
 
 KEYS = ("input_ids", "token_domain", "position_ids")
 B, T = 2, 16
@@ -174,8 +173,8 @@ def test_a_document_carried_across_a_snapshot_boundary_resumes_exactly_from_the_
         return _loader({"a": HFIterableSource(ds, state_every=every)})
 
     first = make()
-    it, cut, state = None, 0, None
-    for cut in range(1, 200):
+    it, state = None, None
+    for _ in range(200):
         _, it = _run(first, 1, it)
         row = first.state_dict()["streams"][0][0]
         carry, position = row[1 + 3 * k], row[1 + k]
