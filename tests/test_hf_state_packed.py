@@ -237,8 +237,8 @@ def test_a_packing_iterators_own_state_resumes_from_its_snapshot_and_loads_versi
     expected = [{k: x[k] for k in KEYS} for x in (next(first) for _ in range(4))]
     assert state["version"] == 2 and state["skeletons"] and state["row"][_base(1)] > 0
     resumed = iter(make())
-    resumed.load_state_dict(state)
     counter.unlink()
+    resumed.load_state_dict(state)  # (reads the carried document again, if any)
     _same(expected, [{k: x[k] for k in KEYS} for x in (next(resumed) for _ in range(4))])
     assert _reads(counter) <= 2 * 8 + 4 * 7 < state["row"][2]
     old = {**state, "version": 1, "row": state["row"][: _base(1)]}
