@@ -101,7 +101,10 @@ class HFIterableSource(Source):
     ``datasets`` does not save (the skip replays it deterministically) — or a table format
     (:func:`odm.hf_state.why_not_resumable`, the reason is in :attr:`no_state_reason`); fewer HF shards than
     odm's (the strided read); a snapshot of another pass, of an unknown skeleton or with too many numbers; a
-    checkpoint written before snapshots existed. Packed loaders (``pack_length``) skip.
+    checkpoint written before snapshots existed (for a packed loader: before its rows took them). Packed loaders
+    (``pack_length``) resume the same way; a slot that carries a document across the cut keeps, for that
+    document's domain, the snapshot from before it (the resume reads that document again), so there the resume
+    skips fewer than ``2 * state_every`` rows.
 
     Args:
         dataset: the ``datasets.IterableDataset``.
