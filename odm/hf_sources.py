@@ -103,8 +103,8 @@ class HFIterableSource(Source):
     odm's (the strided read); a snapshot of another pass, of an unknown skeleton or with too many numbers; a
     checkpoint written before snapshots existed (for a packed loader: before its rows took them). Packed loaders
     (``pack_length``) resume the same way; a slot that carries a document across the cut keeps, for that
-    document's domain, the snapshot from before it (the resume reads that document again), so there the resume
-    skips fewer than ``2 * state_every`` rows.
+    document's domain, a snapshot from before it (the resume reads that document again, and still skips fewer
+    than ``state_every`` rows to reach it).
 
     Args:
         dataset: the ``datasets.IterableDataset``.

@@ -147,7 +147,8 @@ class _DocStream:
 
         While ``carried`` (the slot carries the document this stream read last, item ``position - 1``) a resume
         must read that document again, which a snapshot taken after it cannot give: the newest one is then
-        replaced by the one before it (the reading takes at most ``2 * state_every`` rows).
+        replaced by the one before it, ``state_every`` rows older: a resume still skips fewer than
+        ``state_every`` rows to reach the carried document, then reads on from there.
         """
         it = self._it
         snap = self.snap if it is None else getattr(it, "snapshot", None)
