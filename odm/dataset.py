@@ -177,6 +177,18 @@ class _DomainStream:
         return True
 
 
+def fresh_skeletons(streams: list[Any]) -> dict[int, str] | None:
+    """The snapshot skeletons the open iterators of ``streams`` first saw since the last call (``None``: none);
+    each goes to the main process once, with the batch state."""
+    out = None
+    for s in streams:
+        fresh = getattr(s._it, "fresh", None)
+        if fresh:
+            out = {**(out or {}), **fresh}
+            fresh.clear()
+    return out
+
+
 def _refuse_list_rows(domains: list[str], sources: list[Source]) -> None:
     """With the default collate, refuses a Hugging Face dataset whose rows hold Python lists.
 
@@ -396,13 +408,7 @@ class MixtureIterator:
 
     def _fresh_skeletons(self) -> dict[int, str] | None:
         """The snapshot skeletons first seen since the last batch (they go to the main process once)."""
-        out = None
-        for s in self._snapshotting:
-            fresh = getattr(s._it, "fresh", None)
-            if fresh:
-                out = {**(out or {}), **fresh}
-                fresh.clear()
-        return out
+        return fresh_skeletons(self._snapshotting)
 
     # -- iteration -------------------------------------------------------------------------------------------
     def __iter__(self) -> MixtureIterator:

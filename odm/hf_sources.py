@@ -101,7 +101,10 @@ class HFIterableSource(Source):
     ``datasets`` does not save (the skip replays it deterministically) — or a table format
     (:func:`odm.hf_state.why_not_resumable`, the reason is in :attr:`no_state_reason`); fewer HF shards than
     odm's (the strided read); a snapshot of another pass, of an unknown skeleton or with too many numbers; a
-    checkpoint written before snapshots existed. Packed loaders (``pack_length``) skip.
+    checkpoint written before snapshots existed (for a packed loader: before its rows took them). Packed loaders
+    (``pack_length``) resume the same way; a slot that carries a document across the cut keeps, for that
+    document's domain, a snapshot from before it (the resume reads that document again, and still skips fewer
+    than ``state_every`` rows to reach it).
 
     Args:
         dataset: the ``datasets.IterableDataset``.
@@ -206,11 +209,14 @@ class _SnapshotRows(Iterator[Any]):
     """The rows of one pass of one shard, with the worker info hidden (as :class:`_WorkerInfoHidden`), counting
     them and taking a snapshot of the dataset's state every ``every`` rows (never when ``every == 0``).
 
-    ``snapshot`` is the newest usable one, ``[position, skeleton id, leaves…]`` padded to ``2 + numbers``;
-    ``fresh`` holds the skeletons first seen here, until the dataset ships them to the main process.
+    ``snapshot`` is the newest usable one, ``[position, skeleton id, leaves…]`` padded to ``2 + numbers``, and
+    ``previous`` the one before it (taken here; ``None`` after a restore): a packed slot that carries the
+    document this shard read last needs a snapshot from before that document, and the newest one may have been
+    taken right after it. ``fresh`` holds the skeletons first seen here, until the dataset ships them to the
+    main process.
     """
 
-    __slots__ = ("_due", "_it", "_part", "every", "fresh", "numbers", "position", "snapshot")
+    __slots__ = ("_due", "_it", "_part", "every", "fresh", "numbers", "position", "previous", "snapshot")
 
     def __init__(self, part: Any, *, every: int, numbers: int) -> None:
         self._part = part
@@ -219,6 +225,7 @@ class _SnapshotRows(Iterator[Any]):
         self.position = 0
         self._due = -1  # the position of the next snapshot (-1: none; set on the first pull)
         self.snapshot: list[int] | None = None
+        self.previous: list[int] | None = None
         self.fresh: dict[int, str] = {}
 
     def __next__(self) -> Any:
@@ -254,6 +261,7 @@ class _SnapshotRows(Iterator[Any]):
             return
         sid = skeleton_id(skeleton)
         self.fresh.setdefault(sid, skeleton)
+        self.previous = self.snapshot
         self.snapshot = [self.position, sid, *leaves, *[0] * (self.numbers - len(leaves))]
 
 

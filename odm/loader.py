@@ -278,8 +278,7 @@ class MixtureLoader(torch.utils.data.DataLoader):
             self.mixer.check_agreement()
             self._agreed = True
         start = self._slot_rows.fill(self._start_rows)  # written before the workers (re)start: all of them read it
-        if isinstance(ds, MixtureDataset):
-            ds.skeletons = self._skeletons  # (workers take a copy when they start)
+        ds.skeletons = self._skeletons  # (workers take a copy when they start)
         n = self.num_batches
         remaining = -1 if n is None else n - start % n
         sync = ds.exhausted != "restart" and distributed(group)
@@ -400,9 +399,10 @@ class MixtureLoader(torch.utils.data.DataLoader):
         }
 
     def _widths(self) -> list[int]:
-        """Per domain, the snapshot columns that end each stream row (none for a packed loader)."""
+        """Per domain, the snapshot columns that end each stream row (packed rows too)."""
         ds = self.dataset
-        return ds.snapshot_widths if isinstance(ds, MixtureDataset) else [0] * ds.num_domains  # type: ignore[attr-defined]
+        assert isinstance(ds, MixtureDataset | PackedMixtureDataset)
+        return ds.snapshot_widths
 
     def _snapshots_state(self, streams: list[Any]) -> dict[str, Any]:
         """The snapshot layout and the skeletons the rows refer to (an unknown one is left out: that slot's
@@ -415,7 +415,8 @@ class MixtureLoader(torch.utils.data.DataLoader):
         return {"widths": widths, "skeletons": [self._skeletons[i] for i in sorted(ids) if i in self._skeletons]}
 
     def _saved_widths(self, state_dict: Mapping[str, Any], num_domains: int) -> tuple[list[int], list[str]]:
-        """A checkpoint's snapshot widths per domain and skeletons (version 3: none)."""
+        """A checkpoint's snapshot widths per domain and skeletons (version 3: none; a packed loader's version-4
+        checkpoint written before packed rows took snapshots: widths of 0, and its rows resume by skipping)."""
         if state_dict["version"] == 3:
             return [0] * num_domains, []
         snaps = require(state_dict, "snapshots")

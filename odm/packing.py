@@ -14,7 +14,9 @@ document of at most ``L`` tokens, so every deficit stays ``>= -L`` and therefore
 batches each domain's realised token count is within ``(K - 1) * L`` of ``Σ_b p_b[k] * B * T``: the token-share
 error falls as ``1 / N``. The rule draws no random numbers at all, so a batch is a pure function of the seed
 (source shuffling), the shard, the schedule rows and the slot's state; that state — stream positions, deficits
-and the partial document being carried — is a short integer row, saved and restored exactly.
+and the partial document being carried — is a short integer row, saved and restored exactly. A source that
+snapshots its own state (:class:`odm.hf_sources.HFIterableSource`) adds its snapshot columns to the row, as in
+unpacked loaders: a resume reopens it from the snapshot instead of skipping the pass's consumed documents.
 
 Each batch is a dict of tensors:
 
@@ -42,13 +44,16 @@ import torch
 import torch.utils.data
 
 from odm._checks import check_int, check_seed
-from odm.dataset import STATE_KEY
+from odm.dataset import STATE_KEY, fresh_skeletons
+from odm.hf_state import skeleton_id
 from odm.schedule import ProportionSchedule
 from odm.sources import Source, as_source
 
 __all__ = ["PackedMixtureDataset", "PackingIterator"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+#: Standalone state versions still loaded: 1 had no source state snapshots (its row ends with the carry).
+_LOADS = (1, 2)
 
 
 def _tokens(doc: Any, key: str, domain: str) -> np.ndarray:
@@ -71,7 +76,10 @@ def _tokens(doc: Any, key: str, domain: str) -> np.ndarray:
 class _DocStream:
     """One domain's documents in one shard, at an explicit position ``(epoch, position)``; passes restart."""
 
-    __slots__ = ("_it", "_tokens_in_pass", "epoch", "key", "name", "num_shards", "position", "seed", "shard", "source")
+    __slots__ = (
+        "_it", "_tokens_in_pass", "epoch", "key", "name", "num_shards", "position", "seed", "shard", "skeletons",
+        "snap", "source", "width",
+    )  # fmt: skip
 
     def __init__(self, name: str, source: Source, shard: int, num_shards: int, seed: int, key: str) -> None:
         self.name, self.source, self.shard, self.num_shards, self.seed, self.key = (
@@ -81,9 +89,18 @@ class _DocStream:
         self.position = 0
         self._it: Iterator[Any] | None = None
         self._tokens_in_pass: int | None = None  # None: this pass was not read from its start here
+        # A source that resumes from snapshots of its own state (odm.hf_sources.HFIterableSource), as in
+        # odm.dataset._DomainStream: the columns its snapshot takes in the row, the one restored for the current
+        # pass, the skeletons to decode it.
+        self.width: int = getattr(source, "snapshot_width", 0)
+        self.snap: list[int] | None = None
+        self.skeletons: Mapping[int, str] | None = None
 
     def _open(self, epoch: int, start: int) -> Iterator[Any]:
-        return self.source.open(shard=self.shard, num_shards=self.num_shards, epoch=epoch, start=start, seed=self.seed)
+        where: dict[str, Any] = {"shard": self.shard, "num_shards": self.num_shards, "epoch": epoch}
+        if self.width and self.snap is not None and epoch == self.epoch:  # (the restored snapshot is of this pass)
+            where |= {"snapshot": self.snap, "skeletons": self.skeletons}
+        return self.source.open(**where, start=start, seed=self.seed)
 
     def next_doc(self) -> np.ndarray:
         """The next non-empty document, starting a new pass when this one ends."""
@@ -100,7 +117,7 @@ class _DocStream:
                         f"domain {self.name!r} has no tokens in shard {self.shard} of {self.num_shards} "
                         "(rank x worker); give it more documents or use fewer workers or ranks"
                     ) from None
-                self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                self.epoch, self.position, self._it, self.snap = self.epoch + 1, 0, None, None
                 continue
             self.position += 1
             tokens = _tokens(doc, self.key, self.name)
@@ -109,11 +126,35 @@ class _DocStream:
             if tokens.size:
                 return tokens
 
-    def doc_at(self, epoch: int, index: int) -> np.ndarray:
-        """Document ``index`` of pass ``epoch`` of this shard (to restore a carried document)."""
-        for doc in self._open(epoch, index):
-            return _tokens(doc, self.key, self.name)
-        raise ValueError(f"domain {self.name!r}: the checkpoint's carried document {index} of pass {epoch} is gone")
+    def reopen_last(self) -> np.ndarray:
+        """The document this stream read last (item ``position - 1`` of its pass: a checkpoint's carried
+        document), reopening the pass there; the stream then continues from the same iterator, so a resume opens
+        the source (and restores its snapshot) once."""
+        it = self._open(self.epoch, self.position - 1)
+        missing = object()
+        doc = next(it, missing)
+        if doc is missing:
+            raise ValueError(
+                f"domain {self.name!r}: the checkpoint's carried document {self.position - 1} of pass {self.epoch} "
+                "is gone"
+            )
+        self._it, self._tokens_in_pass = it, None
+        return _tokens(doc, self.key, self.name)
+
+    def snapshot(self, carried: bool) -> list[int]:
+        """The snapshot columns of this stream's row: the open pass's newest snapshot, else the restored one,
+        else none (``-1``), as in unpacked loaders.
+
+        While ``carried`` (the slot carries the document this stream read last, item ``position - 1``) a resume
+        must read that document again, which a snapshot taken after it cannot give: the newest one is then
+        replaced by the one before it, ``state_every`` rows older: a resume still skips fewer than
+        ``state_every`` rows to reach the carried document, then reads on from there.
+        """
+        it = self._it
+        snap = self.snap if it is None else getattr(it, "snapshot", None)
+        if carried and snap is not None and snap[0] >= self.position:
+            snap = None if it is None else getattr(it, "previous", None)
+        return [-1] * self.width if snap is None else snap
 
 
 class PackedMixtureDataset(torch.utils.data.IterableDataset):
@@ -168,6 +209,9 @@ class PackedMixtureDataset(torch.utils.data.IterableDataset):
         if schedule.num_domains != len(self.domains):
             raise ValueError(f"`schedule` has {schedule.num_domains} domains but `sources` has {len(self.domains)}")
         self.schedule = schedule
+        # {skeleton id: skeleton} of the sources' state snapshots (odm.hf_state), set by the loader before the
+        # workers start: what a restored snapshot is decoded with.
+        self.skeletons: dict[int, str] = {}
         # What odm.MixtureLoader reads from its dataset (and saves in its checkpoint's configuration): packing
         # mixes tokens, restarts every pass and has no repetition budget.
         self.granularity = "token"
@@ -188,9 +232,20 @@ class PackedMixtureDataset(torch.utils.data.IterableDataset):
         return len(self.domains)
 
     @property
-    def state_width(self) -> int:
-        """Length of a slot's state row: next batch, epochs, positions, deficits (float64 bits), carry."""
+    def snapshot_widths(self) -> list[int]:
+        """Per domain, the columns its source's state snapshot takes at the end of a state row (0: none)."""
+        return [getattr(s, "snapshot_width", 0) for s in self.sources]
+
+    @property
+    def base_width(self) -> int:
+        """Length of a slot's state row without snapshots: next batch, epochs, positions, deficits (float64
+        bits), carry."""
         return 1 + 3 * self.num_domains + 2
+
+    @property
+    def state_width(self) -> int:
+        """Length of a slot's state row: :attr:`base_width`, then each snapshot's columns."""
+        return self.base_width + sum(self.snapshot_widths)
 
     def __iter__(self) -> PackingIterator:
         info = torch.utils.data.get_worker_info()
@@ -222,33 +277,52 @@ class PackingIterator:
         self.local_batch = max(0, (start - slot + num_slots - 1) // num_slots)
         self.deficit = np.zeros(dataset.num_domains)  # target minus placed tokens, per domain
         self._carry: tuple[int, np.ndarray, int] | None = None  # (domain, document, tokens already placed)
+        # Streams whose source takes state snapshots (their columns end the row, in domain order), and the
+        # skeletons that decode them: the loader's (restored) ones, plus those seen here.
+        self._snapshotting = [(d, s) for d, s in enumerate(self.streams) if s.width]
+        self._snapshot_streams = [s for _, s in self._snapshotting]
+        self.skeletons: dict[int, str] = dict(dataset.skeletons)
+        for _, s in self._snapshotting:
+            s.skeletons = self.skeletons
 
     # -- state -----------------------------------------------------------------------------------------------
     def state_row(self, next_batch: int) -> list[int]:
-        """``[next_batch, epochs…, positions…, deficit bits…, carry domain, carry offset]`` (ints only).
+        """``[next_batch, epochs…, positions…, deficit bits…, carry domain, carry offset]`` (ints only), then
+        the snapshot columns of the sources that take them.
 
         The deficits travel as the bits of their float64 values, so a resume restores them exactly. The carried
-        document is the last one its domain's stream read, so its position suffices to read it again.
+        document is the last one its domain's stream read, so its position suffices to read it again; that
+        domain's snapshot is one from before it (:meth:`_DocStream.snapshot`).
         """
         d, off = (-1, 0) if self._carry is None else (self._carry[0], self._carry[2])
-        return (
+        row = (
             [next_batch]
             + [s.epoch for s in self.streams]
             + [s.position for s in self.streams]
             + self.deficit.view(np.int64).tolist()
             + [d, off]
         )
+        for i, s in self._snapshotting:
+            row += s.snapshot(i == d)
+        return row
 
     def load_row(self, row: list[int]) -> None:
-        """Restores :meth:`state_row` (a row whose first entry is negative means a fresh slot)."""
+        """Restores :meth:`state_row` (a row whose first entry is negative means a fresh slot). A row without
+        snapshot columns (written before they existed) resumes by skipping."""
         if int(row[0]) < 0:
             return
         k = self.ds.num_domains
-        if len(row) != self.ds.state_width:
-            raise ValueError(f"packing state row has {len(row)} entries, expected {self.ds.state_width}")
+        base = self.ds.base_width
+        if len(row) not in (base, self.ds.state_width):
+            widths = sorted({base, self.ds.state_width})
+            raise ValueError(f"packing state row has {len(row)} entries, expected {' or '.join(map(str, widths))}")
         self.local_batch = max(0, (int(row[0]) - self.slot + self.num_slots - 1) // self.num_slots)
         for i, s in enumerate(self.streams):
             s.epoch, s.position, s._it, s._tokens_in_pass = int(row[1 + i]), int(row[1 + k + i]), None, None
+            s.snap = None
+        tail = [int(v) for v in row[base:]]
+        for _, s in self._snapshotting if tail else ():
+            s.snap, tail = (tail[: s.width] if tail[0] >= 0 else None), tail[s.width :]
         self.deficit = np.array([int(x) for x in row[1 + 2 * k : 1 + 3 * k]], dtype=np.int64).view(np.float64)
         d, off = int(row[1 + 3 * k]), int(row[2 + 3 * k])
         self._carry = None
@@ -256,7 +330,7 @@ class PackingIterator:
             if not (d < k and self.streams[d].position >= 1 and off >= 1):
                 raise ValueError(f"packing state row has an invalid carried document (domain {d}, offset {off})")
             s = self.streams[d]
-            doc = s.doc_at(s.epoch, s.position - 1)
+            doc = s.reopen_last()
             if off >= doc.size:
                 raise ValueError(
                     f"packing state row carries token {off} of a {doc.size}-token document of domain "
@@ -267,12 +341,22 @@ class PackingIterator:
     def state_dict(self) -> dict[str, Any]:
         """This slot's state as a plain versioned dict (for use without :class:`odm.MixtureLoader`)."""
         b = self.local_batch * self.num_slots + self.slot
+        row = self.state_row(b)
+        known = dict(self.skeletons)
+        for _, s in self._snapshotting:
+            known |= getattr(s._it, "fresh", None) or {}  # (read, not taken: a loader may still ship them)
+        at, ids = self.ds.base_width, set()
+        for _, s in self._snapshotting:
+            if row[at] >= 0:
+                ids.add(row[at + 1])
+            at += s.width
         return {
             "version": _STATE_VERSION,
             "domains": list(self.ds.domains),
             "slot": self.slot,
             "num_slots": self.num_slots,
-            "row": self.state_row(b),
+            "row": row,
+            "skeletons": [known[i] for i in sorted(ids) if i in known],
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -281,8 +365,8 @@ class PackingIterator:
         Raises:
             ValueError: another version, domain set or slot layout than the checkpoint's.
         """
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"packing state has version {state_dict.get('version')!r}, expected {_STATE_VERSION}")
+        if state_dict.get("version") not in _LOADS:
+            raise ValueError(f"packing state has version {state_dict.get('version')!r}, expected one of {list(_LOADS)}")
         if list(state_dict["domains"]) != self.ds.domains:
             raise ValueError(
                 f"packing state is for domains {state_dict['domains']}, this dataset has {self.ds.domains}"
@@ -292,6 +376,8 @@ class PackingIterator:
                 f"packing state is for slot {state_dict['slot']} of {state_dict['num_slots']}, "
                 f"this iterator is slot {self.slot} of {self.num_slots}"
             )
+        for skeleton in state_dict.get("skeletons") or []:
+            self.skeletons[skeleton_id(skeleton)] = skeleton
         self.load_row(list(state_dict["row"]))
 
     # -- iteration -------------------------------------------------------------------------------------------
@@ -307,6 +393,8 @@ class PackingIterator:
         batch["mix_step"] = b
         if self.ds.attach_state:
             batch[STATE_KEY] = {"slot": self.slot, "row": self.state_row(b + 1)}
+            if self._snapshotting:
+                batch[STATE_KEY]["skeletons"] = fresh_skeletons(self._snapshot_streams)
         return batch
 
     def _choose(self, live: np.ndarray) -> int:
