@@ -246,3 +246,61 @@ def test_a_packing_iterators_own_state_resumes_from_its_snapshot_and_loads_versi
     skipping = iter(make())
     skipping.load_state_dict(old)
     _same(expected, [{k: x[k] for k in KEYS} for x in (next(skipping) for _ in range(4))])
+
+
+# -- two ranks ------------------------------------------------------------------------------------------------
+
+
+def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
+    try:
+        counter = f"{out_dir}/reads{rank}"
+        ds = _docs(1, 8, 300, counter=counter, low=5, high=20)
+
+        def make() -> odm.MixtureLoader:
+            return _loader({"a": HFIterableSource(ds, state_every=8), "b": [[7] * 9] * 50})
+
+        first = make()
+        _, it = _run(first, 120)
+        if rank == 0:  # rank 0 alone writes the file: state_dict() is local
+            torch.save(first.state_dict(), f"{out_dir}/ckpt.pt")
+        expected, _ = _run(first, 6, it)
+        dist.barrier()
+        resumed = make()
+        state = torch.load(f"{out_dir}/ckpt.pt", weights_only=True)
+        resumed.load_state_dict(state)
+        before = _reads(counter)
+        got, _ = _run(resumed, 6)
+        same = all(torch.equal(a[k], b[k]) for a, b in zip(expected, got) for k in KEYS)
+        row = state["streams"][rank][0]  # [next batch, epochs(2), positions(2), deficits(2), carry(2), snapshot…]
+        result = {"same": same, "reads": _reads(counter) - before, "position": row[3], "snapshot": row[9]}
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_packed_loader_resumes_through_its_snapshot_from_rank_zeros_file(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ranks_main, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert res["same"], f"rank {r} resumed differently"
+        assert 0 < res["snapshot"] <= res["position"], f"rank {r}: no snapshot in rank 0's file for it: {res}"
+        # From the snapshot (< 8 rows back, or 16 for a carried document) to 6 more batches of 2-7 documents.
+        assert res["position"] > 100 and res["reads"] <= 16 + 6 * 7, f"rank {r}: {res['reads']} rows re-read"
