@@ -31,6 +31,7 @@ from torch.utils.data import default_collate
 
 from odm._checks import check_choice, check_int, check_seed
 from odm._draw import inverse_cdf, largest_remainder
+from odm.hf_state import MAX_SKELETONS
 from odm.schedule import MODE_EXACT, ProportionSchedule
 from odm.sources import Source, as_source
 from odm.topology import Work, open_progression
@@ -179,13 +180,23 @@ class _DomainStream:
 
 def fresh_skeletons(streams: list[Any]) -> dict[int, str] | None:
     """The snapshot skeletons the open iterators of ``streams`` first saw since the last call (``None``: none);
-    each goes to the main process once, with the batch state."""
+    each goes to the main process once, with the batch state.
+
+    They are also added to the streams' own skeletons: a persistent worker then decodes the snapshots whose
+    skeletons it has seen itself when a checkpoint is loaded after it started (the loader's skeletons reach
+    workers only at their start).
+    """
     out = None
     for s in streams:
         fresh = getattr(s._it, "fresh", None)
         if fresh:
             out = {**(out or {}), **fresh}
             fresh.clear()
+    if out:
+        for s in streams:
+            known = s.skeletons
+            if isinstance(known, dict) and len(known) < MAX_SKELETONS:
+                known.update(out)
     return out
 
 

@@ -28,12 +28,14 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MAX_EXACT", "NONE", "decode", "encode", "skeleton_id", "why_not_resumable"]
+__all__ = ["MAX_EXACT", "MAX_SKELETONS", "NONE", "decode", "encode", "skeleton_id", "why_not_resumable"]
 
 #: Integers travel as float64 in the step's all_reduce: exact below this bound.
 MAX_EXACT = 2**53
 #: The first entry of a snapshot that is absent (the rest of the columns is ignored).
 NONE = -1
+#: Skeletons of snapshots a process keeps (more are not learnt: those snapshots go unused and a resume skips).
+MAX_SKELETONS = 256
 #: Pipeline steps whose ``state_dict()`` resumes exactly (checked against the installed ``datasets`` by the
 #: tests); any other step — a buffered ``shuffle`` above all, whose buffer the state does not hold — makes the
 #: source resume by skipping instead.

@@ -27,7 +27,7 @@ import torch.utils.data
 from odm._checks import check_choice, check_int, is_int
 from odm._dist import comm_device, distributed, rank_world
 from odm.dataset import STATE_KEY, MixtureDataset
-from odm.hf_state import skeleton_id
+from odm.hf_state import MAX_SKELETONS, skeleton_id
 from odm.loader_state import CONFIG_KEYS, SlotRows, check_streams, config_diff, require
 from odm.mixer import OnlineMixer
 from odm.packing import PackedMixtureDataset
@@ -40,9 +40,6 @@ __all__ = ["MixtureLoader"]
 _STATE_VERSION = 4
 #: Older versions still loaded: 3 had no source state snapshots (its rows end with the active flags).
 _LOADS = (3, 4)
-#: Skeletons of source state snapshots kept by the main process (more are not learnt: those snapshots go
-#: unused and a resume skips instead).
-MAX_SKELETONS = 256
 #: The mixer payload carrying this rank's stream rows at the cut (see OnlineMixer.register_payload).
 PAYLOAD = "loader/streams"
 # DataLoader arguments that make no sense for a dataset that yields whole batches.

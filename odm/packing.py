@@ -281,7 +281,7 @@ class PackingIterator:
         # skeletons that decode them: the loader's (restored) ones, plus those seen here.
         self._snapshotting = [(d, s) for d, s in enumerate(self.streams) if s.width]
         self._snapshot_streams = [s for _, s in self._snapshotting]
-        self.skeletons: dict[int, str] = dict(dataset.skeletons)
+        self.skeletons: dict[int, str] = dataset.skeletons  # (shared: a persistent worker keeps what it learnt)
         for _, s in self._snapshotting:
             s.skeletons = self.skeletons
 

@@ -304,3 +304,36 @@ def test_every_rank_of_a_packed_loader_resumes_through_its_snapshot_from_rank_ze
         assert 0 < res["snapshot"] <= res["position"], f"rank {r}: no snapshot in rank 0's file for it: {res}"
         # From the snapshot (< 8 rows back, or 16 for a carried document) to 6 more batches of 2-7 documents.
         assert res["position"] > 100 and res["reads"] <= 16 + 6 * 7, f"rank {r}: {res['reads']} rows re-read"
+
+
+@pytest.mark.parametrize("cut", [160, 161])
+def test_persistent_workers_resume_a_packed_checkpoint_loaded_after_they_started_through_its_snapshot(tmp_path, cut):
+    # The workers outlive the epoch and the checkpoint is loaded into the same loader: its skeletons were first
+    # seen by those workers, which must still decode them. An odd cut hands each slot to the other worker.
+    counter = tmp_path / "reads"
+    ds = _docs(1, 8, 300, counter=counter, low=5, high=20)
+    loader = odm.MixtureLoader(
+        {"a": HFIterableSource(ds, state_every=8)},
+        batch_size=B,
+        pack_length=T,
+        policy="exp3",
+        num_workers=2,
+        persistent_workers=True,
+        num_batches=200,
+        seed=2,
+    )
+    _, it = _run(loader, cut)
+    state = loader.state_dict()
+    expected, it = _run(loader, 4, it)
+    for _ in it:  # the epoch ends; the workers stay
+        pass
+    del it
+    loader.load_state_dict(state)
+    counter.unlink()
+    got, it = _run(loader, 4)
+    del it
+    _same(expected, got)
+    positions = [row[2] for row in state["streams"][0]]  # [next batch, epoch, position, …]
+    assert min(positions) >= 150, positions
+    # Per slot: < 16 rows from its snapshot (8 more for a carried document), then the batches and the prefetch.
+    assert _reads(counter) <= 2 * 16 + 12 * 7 < sum(positions) / 2, _reads(counter)
