@@ -11,7 +11,10 @@ exp3`` adds the updates and the loader's re-plans to the variants that step) and
 * ``observe + step`` — and ``mixer.step()``;
 * ``OnlineMixing`` — the real callback (the above plus its checks and its log window);
 * ``observe + step, paired`` — the same calls as ``observe + step``, but made for two steps at once every
-  other step (not exact online mixing: the measure of what running the mixer's code back to back would save).
+  other step (not exact online mixing: the measure of what running the mixer's code back to back would save);
+* ``bare EXP3`` (``--policy exp3`` only) — the floor: the same arithmetic written out by hand in one function
+  (two ``bincount``, the loss reward, the importance-weighted EXP3 update, one schedule row), with none of the
+  mixer's checks, accumulators, history or distributed layout.
 
 Variants are interleaved (a b c …, a b c …); the figure is the median process-CPU time per steady-state step and
 its difference to ``static``. The lesson it gave (2026-11-29): inside a training loop these calls cost 3–4×
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +43,33 @@ from overhead_training import Module, StepClock, bare_trainer, make_loader, make
 
 from odm.callbacks import OnlineMixing
 
-VARIANTS = ("static", "no-op", "observe", "observe + step", "OnlineMixing", "observe + step, paired")
+VARIANTS = ("static", "no-op", "observe", "observe + step", "OnlineMixing", "observe + step, paired", "bare EXP3")
+
+
+class _BareEXP3(pl.Callback):
+    """EXP3 with the loss reward by hand: what ``observe`` + ``step`` compute for ``policy="exp3"``, at the
+    least Python (same defaults: γ = 0.1, η = γ/K, scale decay 0.999; the row applies ``delay`` batches on)."""
+
+    def __init__(self, mixer: Any) -> None:
+        self.schedule, self.delay = mixer.schedule, mixer.delay
+        self.k = mixer.num_domains
+        self.gains, self.scale = np.zeros(self.k), 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        k, gamma = self.k, 0.1
+        ids, losses = batch["domain"].numpy(), outputs["sample_losses"].detach().numpy()
+        count = np.bincount(ids, minlength=k)
+        mean = np.bincount(ids, losses, minlength=k) / np.maximum(count, 1e-300)
+        self.scale = max(0.999 * self.scale, float(mean.max()))
+        reward = np.minimum(mean / self.scale, 1.0)
+        drawn = self.schedule.proportions_for(batch["mix_step"])
+        g = self.gains + reward * count / (count.sum() * np.maximum(drawn, 1e-12))
+        g -= g.max()
+        w = np.exp((gamma / k) * g)
+        p = w * ((1.0 - gamma) / float(w.sum()))
+        p += gamma / k
+        self.gains = g
+        self.schedule.append(p, batch["mix_step"] + 1 + self.delay, 0)
 
 
 class _Feed(pl.Callback):
@@ -76,6 +106,7 @@ def run(variant: str, sources: dict[str, list[Any]], cfg: argparse.Namespace) ->
         "observe + step": [_Feed(loader.mixer, step=True)],
         "OnlineMixing": [OnlineMixing(loader)],
         "observe + step, paired": [_Feed(loader.mixer, step=True, paired=True)],
+        "bare EXP3": [_BareEXP3(loader.mixer)],
     }[variant]
     clock = StepClock(cfg.warmup)
     bare_trainer(cfg.steps, [*callbacks, clock]).fit(Module(cfg), train_dataloaders=loader)
@@ -100,16 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", module="lightning")
     sources = make_sources(cfg.domains, cfg.dim, 4000)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if v != "bare EXP3" or cfg.policy == "exp3"]
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(cfg.repeats):
-        for variant in VARIANTS:
+        for variant in variants:
             times[variant].append(run(variant, sources, cfg))
     base = statistics.median(times["static"])
     rows = [[v, f"{statistics.median(t):.0f}", f"{statistics.median(t) - base:+.0f}"] for v, t in times.items()]
     table = markdown_table(["callback", "CPU µs/step", "µs over static"], rows)
     notes = (
         f"MLP {cfg.dim}→{cfg.width}→{cfg.width}→1, batch {cfg.batch_size}, K = {cfg.domains}, policy {cfg.policy}"
-        f"{' (never moves)' if cfg.policy == 'uniform' else ''}, {cfg.steps} steps ({cfg.warmup} not timed), {cfg.repeats} interleaved fits per variant, medians."
+        f"{' (never moves)' if cfg.policy == 'uniform' else ''}, {cfg.steps} steps ({cfg.warmup} not timed), "
+        f"{cfg.repeats} interleaved fits per variant, medians."
     )
     print(table)
     print()
