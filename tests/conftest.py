@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import io
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a gloo rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def roundtrip(state: Any) -> Any:

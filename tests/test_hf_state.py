@@ -4,13 +4,13 @@ where a snapshot cannot be used (real ``datasets`` objects, real workers, two gl
 from __future__ import annotations
 
 import json
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 import odm
 from odm.hf_state import decode, encode, skeleton_id
@@ -205,12 +205,6 @@ def test_a_checkpoint_with_another_snapshot_layout_resumes_by_skipping():
 # -- two ranks ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
@@ -239,7 +233,7 @@ def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_every_rank_resumes_through_its_snapshot_from_the_file_rank_zero_alone_wrote(tmp_path):
-    mp.spawn(_ranks_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ranks_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert res["got"] == res["expected"], f"rank {r} resumed differently"

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import roundtrip
+from conftest import free_port, roundtrip
 
 import odm
 from odm.packing import PackedMixtureDataset
@@ -290,14 +290,10 @@ def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_every_rank_of_a_packed_loader_resumes_through_its_snapshot_from_rank_zeros_file(tmp_path):
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ranks_main, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ranks_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert res["same"], f"rank {r} resumed differently"
