@@ -165,27 +165,30 @@ class ProportionSchedule:
         n = int(count[0])
         return 0 if n <= self.capacity else int(rows[n % self.capacity, 0])
 
+    def _find(self, batch: int) -> tuple[np.ndarray, int]:
+        """The ring row in force for ``batch`` (a view) and its index; raises as :meth:`lookup`."""
+        rows, count = self._np()
+        n = int(count[0])
+        capacity = self.capacity
+        # Newest first: the rows newer than `batch` are the few published ahead of it (the publish delay).
+        for i in range(n - 1, max(0, n - capacity) - 1, -1):
+            row = rows[i % capacity]
+            if row[0] <= batch:
+                return row, i
+        raise RuntimeError(
+            f"the proportions row for batch {batch} has left the schedule ring (capacity {capacity}; the "
+            f"oldest row kept applies from batch {self.oldest_batch()}); raise `capacity` or publish less often "
+            "than once per batch"
+        )
+
     def lookup(self, batch: int) -> ScheduleLookup:
         """The row in force for global batch ``batch``, and its index.
 
         Raises:
             RuntimeError: if the row in force for ``batch`` has already left the ring.
         """
-        rows, count = self._np()
-        n = int(count[0])
-        lo = max(0, n - self.capacity)
-        i = n - 1
-        # Newest first: the rows newer than `batch` are the few published ahead of it (the publish delay).
-        while i >= lo:
-            row = rows[i % self.capacity]
-            if row[0] <= batch:
-                return ScheduleLookup(row[_HEADER:].copy(), int(row[1]), i)
-            i -= 1
-        raise RuntimeError(
-            f"the proportions row for batch {batch} has left the schedule ring (capacity {self.capacity}; the "
-            f"oldest row kept applies from batch {self.oldest_batch()}); raise `capacity` or publish less often "
-            "than once per batch"
-        )
+        row, i = self._find(batch)
+        return ScheduleLookup(row[_HEADER:].copy(), int(row[1]), i)
 
     def proportions_for(self, batch: int) -> np.ndarray:
         """:meth:`lookup`'s proportions as a read-only view into the ring, without a copy: for a caller that
@@ -194,18 +197,9 @@ class ProportionSchedule:
         Raises:
             RuntimeError: as :meth:`lookup`.
         """
-        rows, count = self._np()
-        n = int(count[0])
-        capacity = self.capacity
-        # Newest first, as lookup(): the rows newer than `batch` are the few published ahead of it.
-        for i in range(n - 1, max(0, n - capacity) - 1, -1):
-            row = rows[i % capacity]
-            if row[0] <= batch:
-                view = row[_HEADER:]
-                view.flags.writeable = False
-                return view
-        self.lookup(batch)  # raises, naming the oldest row kept
-        raise AssertionError("unreachable")  # pragma: no cover
+        view = self._find(batch)[0][_HEADER:]
+        view.flags.writeable = False
+        return view
 
     def latest(self) -> ScheduleRow:
         """The newest row."""
