@@ -417,10 +417,6 @@ class MixtureIterator:
             row += s.snapshot()
         return row
 
-    def _fresh_skeletons(self) -> dict[int, str] | None:
-        """The snapshot skeletons first seen since the last batch (they go to the main process once)."""
-        return fresh_skeletons(self._snapshotting)
-
     # -- iteration -------------------------------------------------------------------------------------------
     def __iter__(self) -> MixtureIterator:
         return self
@@ -454,7 +450,7 @@ class MixtureIterator:
         if attach:
             batch[STATE_KEY] = {"slot": self.slot, "row": self.state_row(b + 1)}
             if self._snapshotting:
-                batch[STATE_KEY]["skeletons"] = self._fresh_skeletons()
+                batch[STATE_KEY]["skeletons"] = fresh_skeletons(self._snapshotting)
         return batch
 
     def _collate_error(self, b: int, samples: list[Any], ids: np.ndarray, err: Exception) -> Exception:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import count_row, free_port, resume_in_place, rows_counted
 
 import odm
 from odm.hf_state import decode, encode, skeleton_id
@@ -240,13 +240,6 @@ def test_every_rank_resumes_through_its_snapshot_from_the_file_rank_zero_alone_w
         assert res["position"] > 100 and res["calls"] <= 8 + 6 * 4, f"rank {r}: {res['calls']} rows re-read"
 
 
-def _count_to(row: dict, path: str) -> dict:
-    """Counts a row in a file (one byte per row): works across DataLoader worker processes."""
-    with open(path, "ab") as f:
-        f.write(b".")
-    return row
-
-
 @pytest.mark.parametrize(("start_method", "cut"), [("fork", 100), ("spawn", 100), ("fork", 101)])
 def test_persistent_workers_resume_a_checkpoint_loaded_after_they_started_through_its_snapshot(
     tmp_path, start_method, cut
@@ -255,7 +248,7 @@ def test_persistent_workers_resume_a_checkpoint_loaded_after_they_started_throug
     # skeletons were first seen by those very workers: they must still decode them (not skip every row again).
     # An odd cut hands each slot to the other worker (slot = (worker + start) % workers).
     counter = tmp_path / "reads"
-    ds = _table(8, 400).map(_count_to, fn_kwargs={"path": str(counter)})
+    ds = _table(8, 400).map(count_row, fn_kwargs={"path": str(counter)})
     loader = odm.MixtureLoader(
         {"a": HFIterableSource(ds, state_every=8)},
         batch_size=4,
@@ -266,18 +259,9 @@ def test_persistent_workers_resume_a_checkpoint_loaded_after_they_started_throug
         seed=2,
         collate_fn=_ids,
     )
-    _, it = _run(loader, cut)
-    state = loader.state_dict()
-    expected, it = _run(loader, 5, it)
-    for _ in it:  # the epoch ends; the workers stay
-        pass
-    del it
-    loader.load_state_dict(state)
-    counter.unlink()
-    got, it = _run(loader, 5)
-    del it
+    state, expected, got = resume_in_place(loader, _run, cut, 5, before_resume=counter.unlink)
     assert got == expected
     positions = [row[2] for row in state["streams"][0]]  # [next batch, epoch, position, active, snapshot…]
     assert min(positions) >= 200
     # Per slot: fewer than 8 rows from its snapshot, then what the 5 batches (and the prefetch) read.
-    assert counter.stat().st_size <= 2 * 8 + 12 * 4 < sum(positions) / 4, counter.stat().st_size
+    assert rows_counted(counter) <= 2 * 8 + 12 * 4 < sum(positions) / 4, rows_counted(counter)

@@ -4,12 +4,10 @@ checkpoints without snapshot columns resuming by skipping (real ``datasets`` obj
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, roundtrip
+from conftest import count_row, free_port, resume_in_place, roundtrip, rows_counted
 
 import odm
 from odm.packing import PackedMixtureDataset
@@ -21,20 +19,6 @@ KEYS = ("input_ids", "token_domain", "position_ids")
 B, T = 2, 16
 
 
-def _count(row: dict, path: str) -> dict:
-    """Counts a row read from the dataset: one byte appended to ``path`` (works across DataLoader workers)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, b".")
-    finally:
-        os.close(fd)
-    return row
-
-
-def _reads(path) -> int:
-    return os.path.getsize(path) if os.path.exists(path) else 0
-
-
 def _docs(domain: int, num_shards: int, per_shard: int, counter=None, low: int = 3, high: int = 40):
     """Documents of ``low..high`` tokens; token ``i`` of document ``j`` is ``domain * 10**6 + j * 100 + i`` (each
     token names its document and place, so a batch read from the wrong place differs)."""
@@ -43,7 +27,7 @@ def _docs(domain: int, num_shards: int, per_shard: int, counter=None, low: int =
     lengths = rng.integers(low, high + 1, size=n)
     ids = [[domain * 10**6 + j * 100 + i for i in range(int(m))] for j, m in enumerate(lengths)]
     ds = datasets.Dataset.from_dict({"input_ids": ids}).to_iterable_dataset(num_shards=num_shards)
-    return ds if counter is None else ds.map(_count, fn_kwargs={"path": str(counter)})
+    return ds if counter is None else ds.map(count_row, fn_kwargs={"path": str(counter)})
 
 
 def _loader(sources: dict, *, num_workers: int = 0) -> odm.MixtureLoader:
@@ -145,7 +129,9 @@ def test_a_packed_resume_reads_a_bounded_number_of_rows_not_the_position(tmp_pat
     # Per slot: at most state_every rows from the snapshot to the next document (a carried one needs the
     # snapshot before it), then the documents of the batches taken and prefetched (at most 7 each).
     bound = slots * (every + 7 * 6)
-    assert _reads(counter) <= bound < sum(positions) / 2, f"{_reads(counter)} rows read to resume at {positions}"
+    assert rows_counted(counter) <= bound < sum(positions) / 2, (
+        f"{rows_counted(counter)} rows read to resume at {positions}"
+    )
     # Without room for the state (1 column) the same resume skips: every consumed document is read again.
     small = make(state_numbers=1)
     _, it = _run(small, 240)
@@ -158,7 +144,7 @@ def test_a_packed_resume_reads_a_bounded_number_of_rows_not_the_position(tmp_pat
     got, it = _run(again, 3)
     del it
     _same(expected, got)
-    assert _reads(counter) >= sum(positions)
+    assert rows_counted(counter) >= sum(positions)
 
 
 def test_a_document_carried_across_a_snapshot_boundary_resumes_exactly_from_the_snapshot_before_it(tmp_path):
@@ -192,7 +178,9 @@ def test_a_document_carried_across_a_snapshot_boundary_resumes_exactly_from_the_
     got, _ = _run(resumed, 6)
     _same(expected, got)
     # The snapshot before the carried document, then that document and those of six 32-token batches (<= 2 each).
-    assert _reads(counter) <= every + 1 + 6 * 2 < position, f"{_reads(counter)} rows read to resume at {position}"
+    assert rows_counted(counter) <= every + 1 + 6 * 2 < position, (
+        f"{rows_counted(counter)} rows read to resume at {position}"
+    )
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -219,7 +207,7 @@ def test_a_packed_checkpoint_from_before_snapshots_still_resumes_exactly_by_skip
     del it
     _same(expected, got)
     if num_workers == 0:
-        assert _reads(counter) >= sum(row[3] for row in state["streams"][0])  # [.., epochs(2), positions(2)]
+        assert rows_counted(counter) >= sum(row[3] for row in state["streams"][0])  # [.., epochs(2), positions(2)]
 
 
 def test_a_packing_iterators_own_state_resumes_from_its_snapshot_and_loads_version_1(tmp_path):
@@ -240,7 +228,7 @@ def test_a_packing_iterators_own_state_resumes_from_its_snapshot_and_loads_versi
     counter.unlink()
     resumed.load_state_dict(state)  # (reads the carried document again, if any)
     _same(expected, [{k: x[k] for k in KEYS} for x in (next(resumed) for _ in range(4))])
-    assert _reads(counter) <= 8 + 4 * 7 < state["row"][2]
+    assert rows_counted(counter) <= 8 + 4 * 7 < state["row"][2]
     old = {**state, "version": 1, "row": state["row"][: _base(1)]}
     old.pop("skeletons")
     skipping = iter(make())
@@ -276,11 +264,11 @@ def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
         resumed = make()
         state = torch.load(f"{out_dir}/ckpt.pt", weights_only=True)
         resumed.load_state_dict(state)
-        before = _reads(counter)
+        before = rows_counted(counter)
         got, _ = _run(resumed, 6)
         same = all(torch.equal(a[k], b[k]) for a, b in zip(expected, got) for k in KEYS)
         row = state["streams"][rank][0]  # [next batch, epochs(2), positions(2), deficits(2), carry(2), snapshot…]
-        result = {"same": same, "reads": _reads(counter) - before, "position": row[3], "snapshot": row[9]}
+        result = {"same": same, "reads": rows_counted(counter) - before, "position": row[3], "snapshot": row[9]}
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -318,18 +306,9 @@ def test_persistent_workers_resume_a_packed_checkpoint_loaded_after_they_started
         num_batches=200,
         seed=2,
     )
-    _, it = _run(loader, cut)
-    state = loader.state_dict()
-    expected, it = _run(loader, 4, it)
-    for _ in it:  # the epoch ends; the workers stay
-        pass
-    del it
-    loader.load_state_dict(state)
-    counter.unlink()
-    got, it = _run(loader, 4)
-    del it
+    state, expected, got = resume_in_place(loader, _run, cut, 4, before_resume=counter.unlink)
     _same(expected, got)
     positions = [row[2] for row in state["streams"][0]]  # [next batch, epoch, position, …]
     assert min(positions) >= 150, positions
     # Per slot: < 16 rows from its snapshot (8 more for a carried document), then the batches and the prefetch.
-    assert _reads(counter) <= 2 * 16 + 12 * 7 < sum(positions) / 2, _reads(counter)
+    assert rows_counted(counter) <= 2 * 16 + 12 * 7 < sum(positions) / 2, rows_counted(counter)
