@@ -57,6 +57,29 @@ def resume_in_place(
     return state, expected, got
 
 
+def resume_from_rank_zeros_file(
+    make: Callable[[], Any], run: Callable[..., Any], cut: int, after: int, path: str, before_resume: Callable[[], Any]
+) -> Any:
+    """Inside a running process group: every rank takes ``cut`` batches, rank 0 alone saves its loader's state to
+    ``path`` (``state_dict()`` is local), every rank takes ``after`` more; then a fresh ``make()`` on every rank
+    loads that one file, ``before_resume()`` runs and it takes ``after`` again.
+
+    Returns ``(state, expected, got)`` of this rank.
+    """
+    first = make()
+    _, it = run(first, cut)
+    if torch.distributed.get_rank() == 0:
+        torch.save(first.state_dict(), path)
+    expected, _ = run(first, after, it)
+    torch.distributed.barrier()
+    resumed = make()
+    state = torch.load(path, weights_only=True)
+    resumed.load_state_dict(state)
+    before_resume()
+    got, _ = run(resumed, after)
+    return state, expected, got
+
+
 def roundtrip(state: Any) -> Any:
     """Saves and loads ``state`` the way Lightning loads a local checkpoint (``weights_only=True``)."""
     buf = io.BytesIO()

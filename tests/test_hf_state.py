@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import count_row, free_port, resume_in_place, rows_counted
+from conftest import count_row, free_port, resume_from_rank_zeros_file, resume_in_place, rows_counted
 
 import odm
 from odm.hf_state import decode, encode, skeleton_id
@@ -213,17 +213,10 @@ def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
         def make():
             return _loader(HFIterableSource(ds, state_every=8))
 
-        first = make()
-        _, it = _run(first, 120)
-        if rank == 0:  # rank 0 alone: no collective
-            torch.save(first.state_dict(), f"{out_dir}/ckpt.pt")
-        expected, _ = _run(first, 6, it)
-        dist.barrier()
-        resumed = make()
-        state = torch.load(f"{out_dir}/ckpt.pt", weights_only=True)
-        resumed.load_state_dict(state)
-        CALLS[0] = 0
-        got, _ = _run(resumed, 6)
+        def reset() -> None:
+            CALLS[0] = 0
+
+        state, expected, got = resume_from_rank_zeros_file(make, _run, 120, 6, f"{out_dir}/ckpt.pt", reset)
         position = state["streams"][rank][0][3]  # [next batch, epochs(2), positions(2), …]: domain "a"
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump({"expected": expected, "got": got, "calls": CALLS[0], "position": position}, f)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import count_row, free_port, resume_in_place, roundtrip, rows_counted
+from conftest import count_row, free_port, resume_from_rank_zeros_file, resume_in_place, roundtrip, rows_counted
 
 import odm
 from odm.packing import PackedMixtureDataset
@@ -255,20 +255,15 @@ def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
         def make() -> odm.MixtureLoader:
             return _loader({"a": HFIterableSource(ds, state_every=8), "b": [[7] * 9] * 50})
 
-        first = make()
-        _, it = _run(first, 120)
-        if rank == 0:  # rank 0 alone writes the file: state_dict() is local
-            torch.save(first.state_dict(), f"{out_dir}/ckpt.pt")
-        expected, _ = _run(first, 6, it)
-        dist.barrier()
-        resumed = make()
-        state = torch.load(f"{out_dir}/ckpt.pt", weights_only=True)
-        resumed.load_state_dict(state)
-        before = rows_counted(counter)
-        got, _ = _run(resumed, 6)
+        before = [0]
+
+        def mark() -> None:
+            before[0] = rows_counted(counter)
+
+        state, expected, got = resume_from_rank_zeros_file(make, _run, 120, 6, f"{out_dir}/ckpt.pt", mark)
         same = all(torch.equal(a[k], b[k]) for a, b in zip(expected, got) for k in KEYS)
         row = state["streams"][rank][0]  # [next batch, epochs(2), positions(2), deficits(2), carry(2), snapshot…]
-        result = {"same": same, "reads": rows_counted(counter) - before, "position": row[3], "snapshot": row[9]}
+        result = {"same": same, "reads": rows_counted(counter) - before[0], "position": row[3], "snapshot": row[9]}
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
