@@ -13,8 +13,11 @@ import torch
 __all__ = ["all_reduce_host", "comm_device", "distributed", "rank_world"]
 
 
+_AVAILABLE = torch.distributed.is_available()  # fixed by the build
+
+
 def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return _AVAILABLE and torch.distributed.is_initialized()
 
 
 def distributed(group: Any = None) -> bool:

@@ -50,6 +50,10 @@ class StepCollective:
             raise TypeError(f"`local_fn` must be callable, got {type(local_fn).__name__}")
         self.payloads[key] = (local_fn, check_int(length, "length", low=0))
 
+    def local(self) -> bool:
+        """Whether a step reduces nothing: no running group of several ranks (:meth:`reduce` is then a copy)."""
+        return not distributed(self.group)
+
     def get(self, key: str) -> np.ndarray | None:
         """See :meth:`odm.OnlineMixer.gathered`."""
         if key not in self.payloads:

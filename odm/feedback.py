@@ -187,12 +187,25 @@ class DomainFeedback:
             self._rows = self._acc[: _NUM_DOMAIN_ROWS * k].reshape(_NUM_DOMAIN_ROWS, k)
             self.batches: dict[int, int] = {}  # mix_step -> samples observed from that batch
         else:
-            self._acc.fill(0.0)  # (reduce() handed out a copy)
+            if self.held is None:  # (a step that held its only call left the rows at zero)
+                self._acc.fill(0.0)  # (reduce() handed out a copy)
             if self.batches:
                 self.batches = {}
         self._dev: torch.Tensor | None = None  # the same layout on the loss's device, made on first use
         self._calls = self._batches = 0  # written into the packed vector at reduce()
         self.pending = False
+        # `(samples, loss sums, counts)` of the step's only call so far when it was an unweighted, unpadded,
+        # all-finite observe() on the host: kept out of the rows until anything else needs them (the usual step
+        # hands them to the policy as they are; see OnlineMixer.step).
+        self.held: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _fold(self) -> None:
+        """Adds the held observation into the rows (before another call adds to them, or a reduction)."""
+        assert self.held is not None
+        _, sums, samples = self.held
+        self.held = None
+        self._rows[LOSS] += sums
+        self._rows[COUNT : SAMPLES + 1] += samples  # unweighted: COUNT and SAMPLES (adjacent rows) alike
 
     def _device_acc(self, device: torch.device) -> torch.Tensor:
         if self._dev is None:
@@ -213,11 +226,13 @@ class DomainFeedback:
         ``pad_id``: ids equal to it (padding tokens of packed sequences) are left out entirely.
         See :meth:`odm.OnlineMixer.observe` for the accepted forms and the errors.
         """
+        if self.held is not None:
+            self._fold()
         if isinstance(loss, torch.Tensor) and not (loss.is_cpu and _CPU_ON_HOST):
             _refuse_meta(loss=loss, domain=domain, weight=weight)
             num = self._observe_device(domain, loss, weight, pad_id)
         else:
-            num = self._observe_host(domain, loss, weight, pad_id)
+            num = self._observe_host(domain, loss, weight, pad_id, hold=not self._calls)
         self._calls += 1
         self._batches += 1
         self.pending = True
@@ -266,7 +281,9 @@ class DomainFeedback:
             raise ValueError(f"`weight` must be finite and non-negative (e.g. token counts), got {weight!r}")
         return w
 
-    def _observe_host(self, domain: Any, loss: Any, weight: Any, pad_id: int | None) -> int:
+    def _observe_host(self, domain: Any, loss: Any, weight: Any, pad_id: int | None, *, hold: bool = False) -> int:
+        """Adds the batch on the host (``hold``: the step's first call; an unweighted, unpadded, all-finite one is
+        then held instead, see :attr:`held`)."""
         if (
             type(loss) is torch.Tensor  # the usual call: per-sample CPU losses and the batch's CPU int64 ids
             and type(domain) is torch.Tensor
@@ -305,8 +322,11 @@ class DomainFeedback:
             # total, so one check on K sums replaces one per loss (an overflowing total takes the slow path).
             sums = np.bincount(ids, values, minlength=k)
             if math.isfinite(sums.dot(sums)):  # (a dot product is the cheapest reduction; overflow: exact path)
-                rows[LOSS] += sums
-                rows[COUNT : SAMPLES + 1] += samples  # unweighted: COUNT and SAMPLES (adjacent rows) alike
+                if hold and pad_id is None:
+                    self.held = (n, sums, samples)
+                else:
+                    rows[LOSS] += sums
+                    rows[COUNT : SAMPLES + 1] += samples  # unweighted: COUNT and SAMPLES (adjacent rows) alike
                 return n
         values = values.astype(np.float64, copy=False)
         finite = np.isfinite(values)
@@ -405,6 +425,8 @@ class DomainFeedback:
             ValueError: if either is not of shape ``(K,)``, or a count is negative.
         """
         _refuse_meta(loss_sum=loss_sum, count=count)
+        if self.held is not None:
+            self._fold()
         k = self.num_domains
         pair = []
         for name, x in (("loss_sum", loss_sum), ("count", count)):
@@ -443,6 +465,8 @@ class DomainFeedback:
         they are (:meth:`reset` clears them once the caller has committed the step). ``dist``: whether ``group``
         is a running group of several ranks, when the caller knows.
         """
+        if self.held is not None:
+            self._fold()
         acc = self._acc.copy() if tail is None else np.concatenate([self._acc, tail])
         acc[self._calls_at] = self._calls
         acc[self._batches_at] = self._batches

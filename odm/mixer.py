@@ -89,7 +89,8 @@ class OnlineMixer:
 
     Attributes:
         policy: the bound policy.
-        schedule: the shared :class:`~odm.schedule.ProportionSchedule` the data pipeline reads.
+        schedule: the shared :class:`~odm.schedule.ProportionSchedule` the data pipeline reads. The mixer alone
+            writes it (it keeps the newest row at hand): publish with :meth:`set_proportions`.
         history: the publishes ``(num_steps, proportions)`` that changed the proportions, bounded (recent ones
             exact, older ones thinned); saved in :meth:`state_dict`.
         agreement_fields: extra settings every rank must share (the loader adds its own); compared by
@@ -234,6 +235,7 @@ class OnlineMixer:
             q = check_simplex(p, self.num_domains, name="published proportions")
         effective_from = max(self._effective_from(), self._latest_from)
         self.schedule.append(q, effective_from, mode)
+        q.flags.writeable = False  # handed to policies as the drawn-under proportions (see _update_held)
         self._published, self._published_mode, self._latest, self._latest_from = key, mode, q, effective_from
         every = self.history_every
         if not from_policy or (every is not None and self._num_updates % every == 0):
@@ -300,10 +302,9 @@ class OnlineMixer:
                     f"`mix_step`={mix_step} names a batch the loader has not served (the newest batch served is "
                     f"{served}); pass each batch's own 'mix_step' (or the batch itself) to observe()"
                 )
-        schedule = self.schedule
-        if mix_step >= schedule.latest_effective_from():
+        if mix_step >= self._latest_from:
             return mix_step  # under the newest row, which the ring always holds
-        oldest = schedule.oldest_batch()
+        oldest = self.schedule.oldest_batch()
         if mix_step < oldest:
             raise ValueError(
                 f"`mix_step`={mix_step} names a batch whose proportions row has left the schedule ring (the rows "
@@ -453,6 +454,8 @@ class OnlineMixer:
         self._agreed = True
 
     def _drawn_under(self, b: int) -> np.ndarray:
+        if b >= self._latest_from:
+            return self._latest  # the newest row's proportions, as stored (read at once, never written)
         try:
             return self.schedule.proportions_for(b)
         except RuntimeError:
@@ -474,29 +477,38 @@ class OnlineMixer:
         if not self._agreed:
             self.check_agreement()
         cut = self._local_next - 1
-        step_rows, next_batch, gathered = self._collective.reduce(
-            self._feedback, self._drawn_under, self._local_next, cut
-        )
-        bad_ids, bad_weights, calls, _ = FeedbackRows.scalars(step_rows)
-        if bad_ids or bad_weights:
-            self._feedback.reset()
-            raise ValueError(
-                f"observe() got {int(bad_ids)} domain id(s) outside [0, {self.num_domains - 1}] and "
-                f"{int(bad_weights)} negative or non-finite weight(s) since the last step (checked at step() "
-                "because they were on an accelerator); this step's feedback was dropped"
-            )
-        if not calls:
-            self._collective.commit(gathered, cut)
-            self._warn(
-                "idle",
-                "odm: step() was called with no observe() since the previous step(); it changed nothing. Call "
-                "mixer.step() once per training step (if a callback already does, do not call it yourself)",
-            )
-            return
         num_steps = self._num_steps + 1
-        pending = step_rows if self._pending is None else self._pending + step_rows
         update_now = num_steps % self.update_every == 0
-        stats = self._update(pending) if update_now else None  # the policy moves; nothing else yet
+        feedback = self._feedback
+        gathered: dict[str, np.ndarray] | None = None
+        held = feedback.held
+        if held is not None and held[0] and update_now and self._pending is None and self._collective.local():
+            # The usual step: one clean observe() on the host, in one process, with an update due and nothing
+            # pending: nothing to reduce, so the policy gets the held sums and counts as they are.
+            next_batch, pending = self._local_next, None
+            stats: DomainStats | None = self._update_held(*held)
+        else:
+            step_rows, next_batch, gathered = self._collective.reduce(
+                feedback, self._drawn_under, self._local_next, cut
+            )
+            bad_ids, bad_weights, calls, _ = FeedbackRows.scalars(step_rows)
+            if bad_ids or bad_weights:
+                feedback.reset()
+                raise ValueError(
+                    f"observe() got {int(bad_ids)} domain id(s) outside [0, {self.num_domains - 1}] and "
+                    f"{int(bad_weights)} negative or non-finite weight(s) since the last step (checked at step() "
+                    "because they were on an accelerator); this step's feedback was dropped"
+                )
+            if not calls:
+                self._collective.commit(gathered, cut)
+                self._warn(
+                    "idle",
+                    "odm: step() was called with no observe() since the previous step(); it changed nothing. "
+                    "Call mixer.step() once per training step (if a callback already does, do not call it yourself)",
+                )
+                return
+            pending = step_rows if self._pending is None else self._pending + step_rows
+            stats = self._update(pending) if update_now else None  # the policy moves; nothing else yet
         p = q = key = None
         if stats is not None and self._override is None:
             p = self._constrain(self.policy.proportions)
@@ -506,7 +518,7 @@ class OnlineMixer:
             else:
                 q = p if self._vouched else self._check_output(p)
         # Commit: nothing below raises.
-        self._feedback.reset()
+        feedback.reset()
         self._collective.commit(gathered, cut)
         if next_batch > self._next_batch:
             self._next_batch = next_batch
@@ -527,6 +539,31 @@ class OnlineMixer:
             if 0 < total < math.inf and float(np.minimum.reduce(p)) >= 0:  # NaN fails both
                 return p / total
         return check_simplex(p, self.num_domains, name=f"{type(self.policy).__name__}'s proportions")  # raises
+
+    def _update_held(self, num_samples: int, loss_sum: np.ndarray, count: np.ndarray) -> DomainStats:
+        """:meth:`_update` for a step whose only feedback is one clean host :meth:`observe` (held by the
+        accumulator, ``DomainFeedback.held``), without packing, reducing and unpacking the accumulator. The same
+        statistics, except that the proportions are the drawn-under row itself where :meth:`_update` computes
+        ``n·p / Σ(n·p)``, equal up to rounding (``tests/test_mixer_held_step.py`` holds the two paths together)."""
+        feedback = self._feedback
+        if feedback.batches:
+            (b,) = feedback.batches  # one observe(), so one batch
+            proportions = self._drawn_under(b)
+            if proportions is not self._latest:  # a view into the ring, which later publishes overwrite
+                proportions = proportions.copy()
+        else:  # observed without a mix_step: nothing says what it was drawn under
+            proportions = self._latest
+        if self._tracks_evals:
+            self._track_evals(False)
+        stats = DomainStats(
+            loss_sum=loss_sum,  # a fresh array (np.bincount's) that the accumulator drops when the step commits
+            count=count.astype(np.float64),
+            proportions=proportions,
+            step=self._num_updates + 1,
+            num_samples=self._num_samples + num_samples,
+        )
+        self.policy.update(stats)
+        return stats
 
     def _update(self, pending: np.ndarray) -> DomainStats | None:
         """Feeds the policy the statistics since the last update; returns them (``None``: no update)."""

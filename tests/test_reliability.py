@@ -85,7 +85,9 @@ def test_a_mix_step_whose_row_left_the_ring_is_refused_but_the_oldest_row_kept_i
     mixer = odm.OnlineMixer(_names(2))
     mixer.schedule = ProportionSchedule(2, capacity=4)  # a small ring, to reach its end
     for b in (10, 20, 30, 40):
-        mixer.schedule.publish([b, 1.0], effective_from=b)
+        mixer.observe([0], [1.0], mix_step=b - 1)
+        mixer.step()
+        assert mixer.set_proportions([b, 1.0]) == b  # from the batch after the newest one observed
     assert mixer.schedule.oldest_batch() == 10
     mixer.observe([0], [1.0], mix_step=10)  # the oldest row kept is still there
     with pytest.raises(

@@ -1,0 +1,128 @@
+"""The mixer's usual step against its general path.
+
+When a step's only feedback is one unweighted, all-finite ``observe()`` on the host, in one process, with an
+update due and nothing pending, ``OnlineMixer.step`` hands the policy the sums and counts that observe() held
+(``DomainFeedback.held``) instead of packing, reducing and unpacking the accumulator. Every other step takes the
+general path. The policy must be fed the same statistics either way: loss sums, counts and every counter bit for
+bit, the drawn-under proportions up to rounding (the held step hands over the row itself, the general path
+``n·p / Σ(n·p)``).
+
+The reference mixer passes ``weight=1`` with every observe(): the same sums and counts, never held.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import Recorder
+
+import odm
+from odm.policies import default_policy_names, get_policy
+
+
+def _script(rng: np.random.Generator, k: int, steps: int) -> list[list[tuple]]:
+    """Per step, the calls before ``step()``: ``("obs", ids, losses)`` and ``("eval", sums, counts)``."""
+
+    def obs(n: int | None = None) -> tuple:
+        n = int(rng.integers(1, 24)) if n is None else n
+        return ("obs", rng.integers(0, k, n), rng.gamma(2.0, 1.5, n).astype(np.float32))
+
+    def ev() -> tuple:
+        counts = rng.integers(0, 5, k).astype(np.float64)
+        return ("eval", counts * rng.uniform(1.0, 3.0, k), counts)
+
+    patterns = {
+        "one": lambda: [obs()],  # the held step
+        "two": lambda: [obs(), obs()],  # gradient accumulation: the first observe() is folded into the rows
+        "one, eval": lambda: [obs(), ev()],  # an evaluation after a held observe() folds it too
+        "eval, one": lambda: [ev(), obs()],  # nothing held after another call
+        "empty": lambda: [obs(0)],  # no samples: no update on either path
+    }
+    names = list(patterns)
+    chosen = rng.choice(names, size=steps, p=[0.6, 0.1, 0.1, 0.1, 0.1])
+    return [patterns[name]() for name in chosen]
+
+
+def _run(policy: str, script: list[list[tuple]], k: int, *, held: bool, delay: int, update_every: int):
+    inner = get_policy(policy)
+    rec = Recorder(inner=inner, requires=inner.requires, wants=inner.wants_eval)
+    mixer = odm.OnlineMixer([f"d{i}" for i in range(k)], rec, delay=delay, update_every=update_every, seed=3)
+    published, batch, held_steps, fast = [], 0, 0, []
+    update_held = mixer._update_held
+    mixer._update_held = lambda *a: fast.append(1) or update_held(*a)  # a spy: counts the held steps taken
+    for calls in script:
+        for call in calls:
+            if call[0] == "obs":
+                _, ids, losses = call
+                weight = None if held else np.ones(len(ids))
+                mixer.observe(
+                    {"domain": torch.from_numpy(ids), "mix_step": batch}, torch.from_numpy(losses), weight=weight
+                )
+                batch += 1
+            else:
+                mixer.observe_eval(call[1], call[2])
+        is_held = mixer._feedback.held is not None
+        assert not is_held or held  # the reference never holds
+        held_steps += is_held and mixer._feedback.held[0] > 0  # (an empty batch updates nothing)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (held-out policies warn about missing evals)
+            mixer.step()
+        published.append(mixer.proportions)
+    return rec.seen, published, held_steps, len(fast)
+
+
+@pytest.mark.parametrize("policy", default_policy_names())
+@pytest.mark.parametrize(("delay", "update_every"), [(0, 1), (2, 1), (1, 3)])
+def test_the_held_step_feeds_every_policy_what_the_general_path_feeds_it(policy, delay, update_every):
+    rng = np.random.default_rng([delay, update_every, len(policy)])
+    k = int(rng.integers(2, 10))
+    script = _script(rng, k, 60)
+    seen, published, held_steps, fast = _run(policy, script, k, held=True, delay=delay, update_every=update_every)
+    ref_seen, ref_published, _, ref_fast = _run(policy, script, k, held=False, delay=delay, update_every=update_every)
+    assert held_steps >= 20 and ref_fast == 0
+    # Every held step that updates takes the held path (else this compares the general path with itself); with
+    # update_every > 1 a held observation is folded into the pending statistics instead.
+    assert fast == (held_steps if update_every == 1 else 0)
+    assert len(seen) == len(ref_seen) > 0
+    for got, want in zip(seen, ref_seen):
+        np.testing.assert_array_equal(got.loss_sum, want.loss_sum)
+        np.testing.assert_array_equal(got.count, want.count)
+        assert (got.step, got.num_samples, got.num_batches) == (want.step, want.num_samples, want.num_batches)
+        if want.eval_loss is None:
+            assert got.eval_loss is None
+        else:
+            np.testing.assert_array_equal(got.eval_loss, want.eval_loss)
+        np.testing.assert_allclose(got.proportions, want.proportions, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(published, ref_published, rtol=1e-9, atol=1e-15)
+
+
+def test_the_held_step_weighs_a_batch_with_the_row_it_was_drawn_under_not_the_newest():
+    rec = Recorder(inner=odm.policies.EXP3(0.3))
+    mixer = odm.OnlineMixer(["a", "b", "c"], rec, delay=2)  # a row published after batch b applies from b + 3
+    rng = np.random.default_rng(0)
+    older = 0
+    for b in range(12):
+        ids = torch.from_numpy(rng.integers(0, 3, 16))
+        mixer.observe({"domain": ids, "mix_step": b}, torch.rand(16, dtype=torch.float64))
+        drawn_under = mixer.schedule.lookup(b).proportions
+        newest = mixer.proportions
+        assert mixer._feedback.held is not None
+        mixer.step()
+        np.testing.assert_array_equal(rec.seen[-1].proportions, drawn_under)
+        older += not np.array_equal(drawn_under, newest)
+    assert older >= 8  # most batches were drawn under a row older than the newest
+
+
+def test_the_proportions_a_held_step_hands_over_cannot_be_written_through():
+    rec = Recorder(inner=odm.policies.EXP3())
+    mixer = odm.OnlineMixer(["a", "b"], rec)
+    for b in range(3):
+        mixer.observe({"domain": torch.tensor([0, 1, 1]), "mix_step": b}, torch.tensor([1.0, 2.0, 3.0]))
+        mixer.step()
+    stats = rec.seen[-1]
+    np.testing.assert_array_equal(stats.proportions, mixer.schedule.lookup(2).proportions)
+    with pytest.raises(ValueError, match="read-only"):
+        stats.proportions[0] = 0.0  # a policy bug must not change what the mixer believes it published
