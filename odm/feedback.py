@@ -194,8 +194,8 @@ class DomainFeedback:
         self._dev: torch.Tensor | None = None  # the same layout on the loss's device, made on first use
         self._calls = self._batches = 0  # written into the packed vector at reduce()
         self.pending = False
-        # `(samples, loss sums, counts)` of the step's only call so far when it was an unweighted, unpadded,
-        # all-finite observe() on the host: kept out of the rows until anything else needs them (the usual step
+        # `(samples, loss sums, counts)` of the step's only call so far when it was an unweighted, all-finite
+        # observe() on the host (padding left out): kept out of the rows until anything else needs them (the usual step
         # hands them to the policy as they are; see OnlineMixer.step).
         self.held: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -282,7 +282,7 @@ class DomainFeedback:
         return w
 
     def _observe_host(self, domain: Any, loss: Any, weight: Any, pad_id: int | None, *, hold: bool = False) -> int:
-        """Adds the batch on the host (``hold``: the step's first call; an unweighted, unpadded, all-finite one is
+        """Adds the batch on the host (``hold``: the step's first call; an unweighted, all-finite one is
         then held instead, see :attr:`held`)."""
         if (
             type(loss) is torch.Tensor  # the usual call: per-sample CPU losses and the batch's CPU int64 ids
@@ -322,7 +322,7 @@ class DomainFeedback:
             # total, so one check on K sums replaces one per loss (an overflowing total takes the slow path).
             sums = np.bincount(ids, values, minlength=k)
             if math.isfinite(sums.dot(sums)):  # (a dot product is the cheapest reduction; overflow: exact path)
-                if hold and pad_id is None:
+                if hold:
                     self.held = (n, sums, samples)
                 else:
                     rows[LOSS] += sums

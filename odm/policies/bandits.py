@@ -216,13 +216,13 @@ def exp3_update(
         ``(gains, proportions)``.
     """
     g = gains + estimates
-    g -= g.max()
+    g -= _max(g)
     if log_prior is None:
         w = np.exp(eta * g)  # max(η·G) = 0 already: no second shift
     else:
         z = eta * g + log_prior
         w = np.exp(z - z.max())
-    p = w * ((1.0 - gamma) / float(w.sum()))
+    p = w * ((1.0 - gamma) / float(np.add.reduce(w)))
     p += gamma / g.shape[0]
     return g, p
 
