@@ -90,6 +90,22 @@ class FeedbackRows:
         bad_ids, bad_weights, calls, batches = flat[-_NUM_SCALARS:].tolist()
         return bad_ids, bad_weights, calls, batches
 
+    @staticmethod
+    def add_observation(
+        flat: np.ndarray, num_domains: int, loss_sum: np.ndarray, count: np.ndarray, drawn: np.ndarray | None
+    ) -> None:
+        """Adds one unweighted, all-finite ``observe()`` to the packed vector ``flat`` in place: the same numbers,
+        summed in the same order, as adding the vector :meth:`DomainFeedback.reduce` packs for that call alone —
+        its loss sums, its counts (``count`` and ``samples`` alike), ``drawn`` (its samples × the row it was drawn
+        under; ``None`` without a batch index), one call and one batch."""
+        rows = flat[: _NUM_DOMAIN_ROWS * num_domains].reshape(_NUM_DOMAIN_ROWS, num_domains)
+        rows[LOSS] += loss_sum
+        rows[COUNT : SAMPLES + 1] += count
+        if drawn is not None:
+            rows[DRAWN] += drawn
+        flat[CALLS - _NUM_SCALARS] += 1.0
+        flat[BATCHES - _NUM_SCALARS] += 1.0
+
     def pack(self) -> np.ndarray:
         """The flat vector :meth:`unpack` reads (a new array)."""
         rows = [self.loss, self.count, self.samples, self.nonfinite, self.eval_sum, self.eval_count, self.drawn]

@@ -159,6 +159,7 @@ class OnlineMixer:
         self._published = p0.tobytes()  # the newest published vector as given to the schedule
         self._published_mode = self.schedule.latest().mode
         self._latest = self.schedule.latest().proportions  # the newest row's proportions, as stored
+        self._latest.flags.writeable = False  # (handed to policies, see _publish)
         self._latest_from = self.schedule.latest_effective_from()  # the batch it applies from (only we publish)
         self.history = History(k)
         self.history.append(0, self.schedule.latest().proportions)
@@ -482,11 +483,16 @@ class OnlineMixer:
         feedback = self._feedback
         gathered: dict[str, np.ndarray] | None = None
         held = feedback.held
-        if held is not None and held[0] and update_now and self._pending is None and self._collective.local():
-            # The usual step: one clean observe() on the host, in one process, with an update due and nothing
-            # pending: nothing to reduce, so the policy gets the held sums and counts as they are.
-            next_batch, pending = self._local_next, None
-            stats: DomainStats | None = self._update_held(*held)
+        stats: DomainStats | None
+        if held is not None and self._collective.local():
+            # One clean observe() on the host, in one process: nothing to reduce or pack.
+            next_batch = self._local_next
+            if held[0] and update_now and self._pending is None:  # the usual step
+                pending = None
+                stats = self._update_held(*held)
+            else:  # added to the statistics since the last update, as the general path adds them
+                pending = self._pend_held(*held, in_place=not update_now)
+                stats = self._update(pending) if update_now else None
         else:
             step_rows, next_batch, gathered = self._collective.reduce(
                 feedback, self._drawn_under, self._local_next, cut
@@ -564,6 +570,22 @@ class OnlineMixer:
         )
         self.policy.update(stats)
         return stats
+
+    def _pend_held(self, num_samples: int, loss_sum: np.ndarray, count: np.ndarray, *, in_place: bool) -> np.ndarray:
+        """The statistics pending since the last update plus the held :meth:`observe` — the general path's
+        ``pending + step_rows``, bit for bit. ``in_place``: added into ``self._pending`` itself (only when nothing
+        after it can raise: a step that raises changes nothing)."""
+        k = self.num_domains
+        if self._pending is None:
+            pending = np.zeros(FeedbackRows.size(k))
+        else:
+            pending = self._pending if in_place else self._pending.copy()
+        drawn = None
+        if self._feedback.batches:
+            (b,) = self._feedback.batches
+            drawn = num_samples * self._drawn_under(b)
+        FeedbackRows.add_observation(pending, k, loss_sum, count, drawn)
+        return pending
 
     def _update(self, pending: np.ndarray) -> DomainStats | None:
         """Feeds the policy the statistics since the last update; returns them (``None``: no update)."""
@@ -701,6 +723,7 @@ class OnlineMixer:
         latest = self.schedule.latest()
         self._published, self._published_mode = got.published.tobytes(), latest.mode
         self._latest, self._latest_from = latest.proportions, latest.effective_from
+        self._latest.flags.writeable = False
         self._feedback.reset()
         self._collective.clear()
 
