@@ -494,7 +494,9 @@ class DomainFeedback:
                 drawn += n * lookup(b)
         if dist is None:
             dist = distributed(group)
-        if self._dev is None and not dist:
+        if not dist:
+            if self._dev is not None:  # one copy to the host, added there: the same sums as on the device
+                acc[: self.size] += self._dev.cpu().numpy()
             return acc
         flat = torch.from_numpy(acc)
         if self._dev is not None:
