@@ -379,7 +379,9 @@ class DomainFeedback:
             if pad_id is not None:
                 real = ids != pad_id
                 ids = torch.where(real, ids, 0)
-            out_of_range = (ids < 0) | (ids >= k)
+            clamped = ids.clamp(0, k - 1)  # out-of-range ids are credited nowhere: only counted, below
+            out_of_range = clamped != ids
+            ids = clamped
             if ids.numel() == 1 and values.numel() > 1:
                 ids, out_of_range = ids.expand(values.numel()), out_of_range.expand(values.numel())
             elif not scalar and ids.numel() != values.numel():
@@ -406,8 +408,9 @@ class DomainFeedback:
         keep = finite if bad_ids is None else finite & ~bad_ids
         if real is not None:
             keep = keep & real
+        kept = keep.to(torch.float64)
         if weight is None:
-            w = keep.to(torch.float64)
+            w, weighted_loss = kept, torch.where(keep, values, 0.0)  # (w is 1 where kept: no product needed)
         elif isinstance(weight, torch.Tensor) and not (weight.is_cpu and _CPU_ON_HOST):
             w = weight.detach().to(device=device, dtype=torch.float64).reshape(-1)
             if w.numel() == 1 and n != 1:
@@ -419,16 +422,17 @@ class DomainFeedback:
                 bad_w = bad_w & real
             acc[self._scalar_index(BAD_WEIGHTS)] += bad_w.sum()
             w = torch.where(keep & ~bad_w, w, 0.0)
+            weighted_loss = torch.where(keep, values, 0.0) * w
         else:
             w = torch.from_numpy(self._host_weight(weight, n).copy()).to(device, non_blocking=True)
             w = torch.where(keep, w, 0.0)
+            weighted_loss = torch.where(keep, values, 0.0) * w
         if bad_ids is not None:
             acc[self._scalar_index(BAD_IDS)] += bad_ids.sum()
-            ids = ids.clamp(0, k - 1)
             finite = finite | bad_ids  # a bad id is reported as such, not as a non-finite loss
         if real is not None:
             finite = finite | ~real  # nor is a padding token
-        src = torch.stack([torch.where(keep, values, 0.0) * w, w, keep.to(torch.float64), (~finite).to(torch.float64)])
+        src = torch.stack([weighted_loss, w, kept, (~finite).to(torch.float64)])
         acc[: _NUM_DOMAIN_ROWS * k].view(_NUM_DOMAIN_ROWS, k)[:4].index_add_(1, ids, src)
         # NOTE: with padding ids on the accelerator, n counts padding too (counting would synchronise); it only
         # weighs this batch against others of the same step in the drawn-under proportions.
