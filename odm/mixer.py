@@ -89,8 +89,9 @@ class OnlineMixer:
 
     Attributes:
         policy: the bound policy.
-        schedule: the shared :class:`~odm.schedule.ProportionSchedule` the data pipeline reads. The mixer alone
-            writes it (it keeps the newest row at hand): publish with :meth:`set_proportions`.
+        schedule: the shared :class:`~odm.schedule.ProportionSchedule` the data pipeline reads (read-only). The
+            mixer alone writes it (it keeps the newest row at hand): publish with :meth:`set_proportions`; a row
+            published behind its back is refused at the next :meth:`step`.
         history: the publishes ``(num_steps, proportions)`` that changed the proportions, bounded (recent ones
             exact, older ones thinned); saved in :meth:`state_dict`.
         agreement_fields: extra settings every rank must share (the loader adds its own); compared by
@@ -142,7 +143,8 @@ class OnlineMixer:
         self._vouched = self.constraints is None and vouches_for_update(self.policy)
         k = len(self.domains)
         p0 = self._constrain(self.policy.proportions)
-        self.schedule = ProportionSchedule(k, initial=p0)
+        self._schedule = ProportionSchedule(k, initial=p0)
+        self._rows_published = self._schedule.num_rows  # rows in the ring that this mixer wrote (all of them)
         self._rng = np.random.default_rng(self.seed)
         self._override: np.ndarray | None = None
         self._num_steps = 0
@@ -157,12 +159,12 @@ class OnlineMixer:
         self._updates_without_eval = 0
         self._warned: set[tuple[str, int]] = set()
         self._published = p0.tobytes()  # the newest published vector as given to the schedule
-        self._published_mode = self.schedule.latest().mode
-        self._latest = self.schedule.latest().proportions  # the newest row's proportions, as stored
+        self._published_mode = self._schedule.latest().mode
+        self._latest = self._schedule.latest().proportions  # the newest row's proportions, as stored
         self._latest.flags.writeable = False  # (handed to policies, see _publish)
-        self._latest_from = self.schedule.latest_effective_from()  # the batch it applies from (only we publish)
+        self._latest_from = self._schedule.latest_effective_from()  # the batch it applies from (only we publish)
         self.history = History(k)
-        self.history.append(0, self.schedule.latest().proportions)
+        self.history.append(0, self._schedule.latest().proportions)
         self._feedback = DomainFeedback(k)
         self._collective = StepCollective(process_group)
         self.agreement_fields: dict[str, Any] = {}
@@ -206,9 +208,14 @@ class OnlineMixer:
         return self._num_updates
 
     @property
+    def schedule(self) -> ProportionSchedule:
+        """The shared proportions schedule the data pipeline reads (see the class docstring)."""
+        return self._schedule
+
+    @property
     def proportions(self) -> np.ndarray:
         """The newest published proportions (float64, sums to 1)."""
-        return self.schedule.latest().proportions
+        return self._schedule.latest().proportions
 
     def _effective_from(self) -> int:
         # The batch clock: one past the newest mix_step stepped on (any rank); a mixer never given a mix_step
@@ -235,7 +242,8 @@ class OnlineMixer:
         if q is None:
             q = check_simplex(p, self.num_domains, name="published proportions")
         effective_from = max(self._effective_from(), self._latest_from)
-        self.schedule.append(q, effective_from, mode)
+        self._schedule.append(q, effective_from, mode)
+        self._rows_published += 1
         q.flags.writeable = False  # handed to policies as the drawn-under proportions (see _update_held)
         self._published, self._published_mode, self._latest, self._latest_from = key, mode, q, effective_from
         every = self.history_every
@@ -278,7 +286,7 @@ class OnlineMixer:
         """
         n = check_int(n, "n", low=0)
         gen = self._rng if generator is None else generator
-        p, mode, _ = self.schedule.latest()
+        p, mode, _ = self._schedule.latest()
         if mode == MODE_EXACT:
             return gen.permutation(np.repeat(np.arange(self.num_domains), largest_remainder(p, n)))
         cdf = np.cumsum(p)
@@ -305,7 +313,7 @@ class OnlineMixer:
                 )
         if mix_step >= self._latest_from:
             return mix_step  # under the newest row, which the ring always holds
-        oldest = self.schedule.oldest_batch()
+        oldest = self._schedule.oldest_batch()
         if mix_step < oldest:
             raise ValueError(
                 f"`mix_step`={mix_step} names a batch whose proportions row has left the schedule ring (the rows "
@@ -458,11 +466,11 @@ class OnlineMixer:
         if b >= self._latest_from:
             return self._latest  # the newest row's proportions, as stored (read at once, never written)
         try:
-            return self.schedule.proportions_for(b)
+            return self._schedule.proportions_for(b)
         except RuntimeError:
             # NOTE: checked at observe(); only a flood of publishes since then gets here. Raising before the
             # collective would leave the other ranks waiting, so weigh it with the oldest row kept instead.
-            return self.schedule.rows()[0].proportions
+            return self._schedule.rows()[0].proportions
 
     def step(self) -> None:
         """Ends a training step: reduces its statistics (one collective under DDP); every ``update_every``-th
@@ -474,7 +482,14 @@ class OnlineMixer:
         Raises:
             ValueError: if ids or weights observed on an accelerator since the last step were invalid (this
                 step's feedback is then dropped), or if the ranks' settings disagree (first step only).
+            RuntimeError: if the schedule holds rows the mixer did not publish.
         """
+        if self._schedule.num_rows != self._rows_published:
+            raise RuntimeError(
+                f"the mixer's schedule holds {self._schedule.num_rows} rows but the mixer wrote "
+                f"{self._rows_published}: something else published to it (mixer.schedule.publish?), so the mixer's "
+                "importance weights and publish points would be wrong. Publish with mixer.set_proportions(...)"
+            )
         if not self._agreed:
             self.check_agreement()
         cut = self._local_next - 1
@@ -669,7 +684,7 @@ class OnlineMixer:
             "version": STATE_VERSION,
             "domains": list(self.domains),
             "policy": self.policy.state_dict(),
-            "schedule": self.schedule.state_dict(),
+            "schedule": self._schedule.state_dict(),
             "num_steps": self._num_steps,
             "num_updates": self._num_updates,
             "num_samples": self._num_samples,
@@ -703,7 +718,7 @@ class OnlineMixer:
         remap = check_choice(domains, "domains", ("same", "remap")) == "remap"
         if remap and isinstance(state_dict, Mapping) and list(state_dict.get("domains", ())) != self.domains:
             state_dict = remap_mixer_state(state_dict, domains=self.domains, policy=self.policy)
-        got = check_state(state_dict, domains=self.domains, schedule=self.schedule, history=self.history, path=path)
+        got = check_state(state_dict, domains=self.domains, schedule=self._schedule, history=self.history, path=path)
         before = self.policy.state_dict()
         try:
             self.policy.load_state_dict(dict(got.policy))
@@ -711,7 +726,8 @@ class OnlineMixer:
             self.policy.load_state_dict(before)
             raise StateError(f"checkpoint field `{path}.policy` does not load: {err}") from err
         # Everything is checked: commit.
-        self.schedule.replace(got.schedule_rows)
+        self._schedule.replace(got.schedule_rows)
+        self._rows_published = self._schedule.num_rows
         self.history.restore(*got.history)
         self._num_steps, self._num_updates, self._num_samples = got.num_steps, got.num_updates, got.num_samples
         self._next_batch = self._local_next = got.next_batch
@@ -720,7 +736,7 @@ class OnlineMixer:
         self._rng = got.rng
         self._pending = got.pending
         self._evals_missed, self._updates_without_eval = got.evals_missed
-        latest = self.schedule.latest()
+        latest = self._schedule.latest()
         self._published, self._published_mode = got.published.tobytes(), latest.mode
         self._latest, self._latest_from = latest.proportions, latest.effective_from
         self._latest.flags.writeable = False

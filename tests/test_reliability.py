@@ -83,17 +83,19 @@ def test_a_mix_step_the_loader_never_served_names_the_batch_and_changes_nothing(
 
 def test_a_mix_step_whose_row_left_the_ring_is_refused_but_the_oldest_row_kept_is_not():
     mixer = odm.OnlineMixer(_names(2))
-    mixer.schedule = ProportionSchedule(2, capacity=4)  # a small ring, to reach its end
-    for b in (10, 20, 30, 40):
+    capacity = mixer.schedule.capacity
+    for i in range(capacity + 3):  # one row per batch, from batch 10 on, until the ring has dropped a few
+        b = 10 + 2 * i
         mixer.observe([0], [1.0], mix_step=b - 1)
         mixer.step()
-        assert mixer.set_proportions([b, 1.0]) == b  # from the batch after the newest one observed
-    assert mixer.schedule.oldest_batch() == 10
-    mixer.observe([0], [1.0], mix_step=10)  # the oldest row kept is still there
+        assert mixer.set_proportions([2.0 + i % 2, 1.0]) == b  # from the batch after the newest one observed
+    oldest = mixer.schedule.oldest_batch()
+    assert oldest == 10 + 2 * 3  # the initial row and the rows from batches 10, 12 and 14 left the ring
+    mixer.observe([0], [1.0], mix_step=oldest)  # the oldest row kept is still there
     with pytest.raises(
-        ValueError, match=r"`mix_step`=9 names a batch whose proportions row has left the schedule ring"
+        ValueError, match=rf"`mix_step`={oldest - 1} names a batch whose proportions row has left the schedule ring"
     ):
-        mixer.observe([0], [1.0], mix_step=9)
+        mixer.observe([0], [1.0], mix_step=oldest - 1)
 
 
 def test_a_second_step_without_feedback_warns_once_and_moves_nothing():
@@ -496,3 +498,20 @@ def test_a_resumed_run_publishes_exactly_the_rows_of_the_uninterrupted_one():
     resumed.load_state_dict(roundtrip(run(odm.OnlineMixer(_names(3), _Unnormalised()), range(8)).state_dict()))
     run(resumed, range(8, 12))
     assert resumed.state_dict() == whole.state_dict()
+
+
+def test_a_row_published_behind_the_mixers_back_is_refused_at_the_next_step_which_changes_nothing():
+    mixer = odm.OnlineMixer(_names(2), "exp3")
+    mixer.observe([0, 1], [1.0, 2.0], mix_step=0)
+    mixer.step()
+    before = mixer.state_dict()
+    mixer.observe([0, 1], [1.0, 2.0], mix_step=1)
+    mixer.schedule.publish([0.9, 0.1], effective_from=5)  # not through the mixer: its importance weights would lie
+    with pytest.raises(RuntimeError, match=r"mixer wrote 2: something else published.*set_proportions"):
+        mixer.step()
+    before_schedule = before.pop("schedule")
+    after = mixer.state_dict()
+    assert after.pop("schedule") != before_schedule  # (the foreign row is there)
+    assert after == before  # the step changed nothing else
+    with pytest.raises(AttributeError):
+        mixer.schedule = ProportionSchedule(2)  # the loader's workers hold this one: it cannot be swapped
