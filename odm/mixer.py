@@ -34,32 +34,17 @@ from odm._draw import largest_remainder
 from odm._state import StateError
 from odm.agreement import check_agreement, policy_config
 from odm.collective import StepCollective
-from odm.feedback import (
-    COUNT,
-    DRAWN,
-    EVAL_COUNT,
-    EVAL_SUM,
-    LOSS,
-    NONFINITE,
-    SAMPLES,
-    DomainFeedback,
-    FeedbackRows,
-    flatten_tokens,
-)
+from odm.feedback import DomainFeedback, FeedbackRows, flatten_tokens
 from odm.history import History
 from odm.mixer_state import STATE_VERSION, check_state
-from odm.policies import EVAL_LOSS, DomainStats, Policy, get_policy
+from odm.policies import DomainStats, Policy, get_policy
 from odm.policies.base import vouches_for_update
 from odm.policies.constraints import Constraints
 from odm.remap import remap_mixer_state
 from odm.schedule import MODE_EXACT, MODE_SAMPLE, ProportionSchedule, check_simplex
+from odm.updates import PolicyUpdates
 
 __all__ = ["OnlineMixer"]
-
-#: Updates a held-out policy may ask for an evaluation and get none before the mixer warns.
-EVAL_PATIENCE = 3
-#: Updates without any evaluation after which a policy that requires them is warned about.
-EVAL_PATIENCE_UPDATES = 100
 
 
 class OnlineMixer:
@@ -130,9 +115,8 @@ class OnlineMixer:
         self.history_every = check_int(history_every, "history_every", low=1, allow_none=True)
         self.seed = check_seed(seed)
         self.policy = get_policy(policy).bind(len(self.domains))
-        # Only a held-out policy is asked whether it wants an evaluation, and watched for missing ones.
-        self._asks_eval = type(self.policy).wants_eval is not Policy.wants_eval or "wants_eval" in vars(self.policy)
-        self._tracks_evals = self._asks_eval or EVAL_LOSS in self.policy.requires
+        self._warned: set[str] = set()
+        self._updates = PolicyUpdates(self.policy, self.domains, self._warn)
         # In updates: a row published after batch b applies from batch b + 1 + delay, which falls in the
         # (delay // update_every + 1)-th update after this one (one batch per step).
         # In updates, rounded up: an update that mixes batches drawn before and after a publish counts as old.
@@ -148,16 +132,11 @@ class OnlineMixer:
         self._rng = np.random.default_rng(self.seed)
         self._override: np.ndarray | None = None
         self._num_steps = 0
-        self._num_updates = 0
-        self._num_samples = 0  # samples observed over the run (all ranks)
         self._next_batch = 0  # one past the newest mix_step observed on any rank before the last step()
         self._local_next = 0  # the same, on this rank, including observations since the last step()
         self._cut_batch: int | None = None
         self._served: int | None = None
         self._pending: np.ndarray | None = None  # packed FeedbackRows of the steps since the last update
-        self._evals_missed = 0  # updates the policy asked an evaluation for and got none (since the last one)
-        self._updates_without_eval = 0
-        self._warned: set[tuple[str, int]] = set()
         self._published = p0.tobytes()  # the newest published vector as given to the schedule
         self._published_mode = self._schedule.latest().mode
         self._latest = self._schedule.latest().proportions  # the newest row's proportions, as stored
@@ -205,7 +184,7 @@ class OnlineMixer:
     @property
     def num_updates(self) -> int:
         """Policy updates so far (the update index of the last one)."""
-        return self._num_updates
+        return self._updates.num_updates
 
     @property
     def schedule(self) -> ProportionSchedule:
@@ -247,7 +226,7 @@ class OnlineMixer:
         q.flags.writeable = False  # handed to policies as the drawn-under proportions (see _update_held)
         self._published, self._published_mode, self._latest, self._latest_from = key, mode, q, effective_from
         every = self.history_every
-        if not from_policy or (every is not None and self._num_updates % every == 0):
+        if not from_policy or (every is not None and self._updates.num_updates % every == 0):
             self.history.append(self._num_steps, q)
         return effective_from
 
@@ -374,9 +353,7 @@ class OnlineMixer:
 
         When True, evaluate and pass the per-domain sums and counts to :meth:`observe_eval` before that step.
         """
-        if not self._asks_eval or (self._num_steps + 1) % self.update_every:
-            return False
-        return bool(self.policy.wants_eval(self._num_updates + 1))
+        return not (self._num_steps + 1) % self.update_every and self._updates.wants_eval()
 
     def observe_eval(self, loss_sum: Any, count: Any) -> None:
         """Accumulates per-domain held-out loss sums and counts (each ``(K,)``) for the next update.
@@ -390,21 +367,10 @@ class OnlineMixer:
         """
         self._feedback.observe_eval(loss_sum, count)
 
-    def _warn_once(self, kind: str, mask: np.ndarray, counts: np.ndarray, what: str) -> None:
-        for d in np.flatnonzero(mask):
-            if (kind, int(d)) not in self._warned:
-                self._warned.add((kind, int(d)))
-                warnings.warn(
-                    f"odm: skipped {int(counts[d])} non-finite {what} of domain {self.domains[d]!r} at step "
-                    f"{self._num_steps}; they do not reach the policy (warned once per domain)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-
-    def _warn(self, kind: str, message: str) -> None:
-        if (kind, -1) not in self._warned:
-            self._warned.add((kind, -1))
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    def _warn(self, kind: str, message: str, stacklevel: int = 3) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     # -- the checkpoint protocol -----------------------------------------------------------------------------
     def register_payload(self, key: str, local_fn: Callable[[int], np.ndarray], length: int) -> None:
@@ -507,29 +473,15 @@ class OnlineMixer:
                 stats = self._update_held(*held)
             else:  # added to the statistics since the last update, as the general path adds them
                 pending = self._pend_held(*held, in_place=not update_now)
-                stats = self._update(pending) if update_now else None
+                stats = self._updates.from_pending(pending, self._latest, self._num_steps) if update_now else None
         else:
-            step_rows, next_batch, gathered = self._collective.reduce(
-                feedback, self._drawn_under, self._local_next, cut
-            )
-            bad_ids, bad_weights, calls, _ = FeedbackRows.scalars(step_rows)
-            if bad_ids or bad_weights:
-                feedback.reset()
-                raise ValueError(
-                    f"observe() got {int(bad_ids)} domain id(s) outside [0, {self.num_domains - 1}] and "
-                    f"{int(bad_weights)} negative or non-finite weight(s) since the last step (checked at step() "
-                    "because they were on an accelerator); this step's feedback was dropped"
-                )
-            if not calls:
-                self._collective.commit(gathered, cut)
-                self._warn(
-                    "idle",
-                    "odm: step() was called with no observe() since the previous step(); it changed nothing. "
-                    "Call mixer.step() once per training step (if a callback already does, do not call it yourself)",
-                )
-                return
+            reduced = self._reduce(cut)
+            if reduced is None:
+                return  # no feedback on any rank
+            step_rows, next_batch, gathered = reduced
             pending = step_rows if self._pending is None else self._pending + step_rows
-            stats = self._update(pending) if update_now else None  # the policy moves; nothing else yet
+            # The policy moves; nothing else yet.
+            stats = self._updates.from_pending(pending, self._latest, self._num_steps) if update_now else None
         p = q = key = None
         if stats is not None and self._override is None:
             p = self._constrain(self.policy.proportions)
@@ -548,9 +500,38 @@ class OnlineMixer:
         self._num_steps = num_steps
         self._pending = None if update_now else pending
         if stats is not None:
-            self._num_updates, self._num_samples = stats.step, stats.num_samples
+            self._updates.commit(stats)
             if p is not None:
                 self._publish(p, from_policy=True, q=q, key=key)
+
+    def _reduce(self, cut: int) -> tuple[np.ndarray, int, dict[str, np.ndarray] | None] | None:
+        """The general path's collective: the step's packed statistics summed over the ranks, the batch clock and
+        the payloads (see :meth:`StepCollective.reduce`); ``None`` after a step without feedback on any rank
+        (which commits the payloads and warns once).
+
+        Raises:
+            ValueError: ids or weights observed on an accelerator were invalid (the step's feedback is dropped).
+        """
+        feedback = self._feedback
+        step_rows, next_batch, gathered = self._collective.reduce(feedback, self._drawn_under, self._local_next, cut)
+        bad_ids, bad_weights, calls, _ = FeedbackRows.scalars(step_rows)
+        if bad_ids or bad_weights:
+            feedback.reset()
+            raise ValueError(
+                f"observe() got {int(bad_ids)} domain id(s) outside [0, {self.num_domains - 1}] and "
+                f"{int(bad_weights)} negative or non-finite weight(s) since the last step (checked at step() "
+                "because they were on an accelerator); this step's feedback was dropped"
+            )
+        if not calls:
+            self._collective.commit(gathered, cut)
+            self._warn(
+                "idle",
+                "odm: step() was called with no observe() since the previous step(); it changed nothing. "
+                "Call mixer.step() once per training step (if a callback already does, do not call it yourself)",
+                stacklevel=4,  # the call of step()
+            )
+            return None
+        return step_rows, next_batch, gathered
 
     def _check_output(self, p: np.ndarray) -> np.ndarray:
         """The policy's (constrained) proportions normalised, checked like a user's: a policy bug must not reach
@@ -562,10 +543,10 @@ class OnlineMixer:
         return check_simplex(p, self.num_domains, name=f"{type(self.policy).__name__}'s proportions")  # raises
 
     def _update_held(self, num_samples: int, loss_sum: np.ndarray, count: np.ndarray) -> DomainStats:
-        """:meth:`_update` for a step whose only feedback is one clean host :meth:`observe` (held by the
-        accumulator, ``DomainFeedback.held``), without packing, reducing and unpacking the accumulator. The same
-        statistics, except that the proportions are the drawn-under row itself where :meth:`_update` computes
-        ``n·p / Σ(n·p)``, equal up to rounding (``tests/test_mixer_held_step.py`` holds the two paths together)."""
+        """Updates the policy with a step's one clean host :meth:`observe` (held by the accumulator), without
+        packing, reducing and unpacking the accumulator: the general path's statistics, except that the
+        proportions are the drawn-under row itself where it computes ``n·p / Σ(n·p)`` (equal up to rounding;
+        ``tests/test_mixer_held_step.py`` holds the two paths together)."""
         feedback = self._feedback
         if feedback.batches:
             (b,) = feedback.batches  # one observe(), so one batch
@@ -574,17 +555,7 @@ class OnlineMixer:
                 proportions = proportions.copy()
         else:  # observed without a mix_step: nothing says what it was drawn under
             proportions = self._latest
-        if self._tracks_evals:
-            self._track_evals(False)
-        stats = DomainStats(
-            loss_sum=loss_sum,  # a fresh array (np.bincount's) that the accumulator drops when the step commits
-            count=count.astype(np.float64),
-            proportions=proportions,
-            step=self._num_updates + 1,
-            num_samples=self._num_samples + num_samples,
-        )
-        self.policy.update(stats)
-        return stats
+        return self._updates.from_held(num_samples, loss_sum, count, proportions)
 
     def _pend_held(self, num_samples: int, loss_sum: np.ndarray, count: np.ndarray, *, in_place: bool) -> np.ndarray:
         """The statistics pending since the last update plus the held :meth:`observe` — the general path's
@@ -601,68 +572,6 @@ class OnlineMixer:
             drawn = num_samples * self._drawn_under(b)
         FeedbackRows.add_observation(pending, k, loss_sum, count, drawn)
         return pending
-
-    def _update(self, pending: np.ndarray) -> DomainStats | None:
-        """Feeds the policy the statistics since the last update; returns them (``None``: no update)."""
-        k = len(self.domains)
-        rows = FeedbackRows.domain_rows(pending, k)  # only the rows needed are taken (views)
-        # Every row's total in one reduction; COUNT, SAMPLES, NONFINITE, EVAL_COUNT and DRAWN are sums of
-        # non-negative numbers, so a zero total means an all-zero row.
-        totals = np.add.reduce(rows, 1).tolist()
-        eval_loss = None
-        if totals[NONFINITE] or totals[EVAL_COUNT]:  # non-finite or held-out losses (usually neither)
-            nonfinite, eval_sum, eval_count = rows[NONFINITE], rows[EVAL_SUM], rows[EVAL_COUNT]
-            if nonfinite.any():
-                self._warn_once("loss", nonfinite > 0, nonfinite, "loss value(s)")
-            if eval_count.any():
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    eval_loss = np.where(eval_count > 0, eval_sum / eval_count, np.nan)
-                bad = (eval_count > 0) & ~np.isfinite(eval_loss)
-                if bad.any():
-                    self._warn_once("eval", bad, eval_count, "held-out loss sum(s) over this many samples")
-                    eval_loss[bad] = np.nan
-        if self._tracks_evals:
-            self._track_evals(eval_loss is not None)
-        if not totals[COUNT] and (eval_loss is None or EVAL_LOSS not in self.policy.requires):
-            return None  # nothing usable observed: the policy stays as it was
-        total = totals[DRAWN]
-        # NOTE: views of `pending`, a fresh array no one else keeps once this update is committed.
-        stats = DomainStats(
-            loss_sum=rows[LOSS],
-            count=rows[COUNT],
-            proportions=rows[DRAWN] / total if total > 0 else self._latest.copy(),
-            step=self._num_updates + 1,
-            num_samples=self._num_samples + round(totals[SAMPLES]),
-            eval_loss=eval_loss,
-            num_batches=max(1, round(float(pending[-1]))),  # the BATCHES scalar, last of the packed vector
-        )
-        self.policy.update(stats)
-        return stats
-
-    def _track_evals(self, got_eval: bool) -> None:
-        """Warns once when a held-out policy goes without evaluations: it asked for :data:`EVAL_PATIENCE` and
-        got none, or (one that never asks) it requires them and none came for :data:`EVAL_PATIENCE_UPDATES`."""
-        policy = self.policy
-        if got_eval:
-            self._evals_missed = self._updates_without_eval = 0
-            return
-        asks = type(policy).wants_eval is not Policy.wants_eval
-        if asks and policy.wants_eval(self._num_updates + 1):
-            self._evals_missed += 1
-        elif not asks and EVAL_LOSS in policy.requires:
-            self._updates_without_eval += 1
-        if self._evals_missed >= EVAL_PATIENCE:
-            what = f"asked for held-out losses at {self._evals_missed} updates and got none"
-        elif self._updates_without_eval >= EVAL_PATIENCE_UPDATES:
-            what = f"got no held-out losses for {self._updates_without_eval} updates"
-        else:
-            return
-        self._warn(
-            "no-eval",
-            f"odm: {type(policy).__name__} learns from held-out losses but {what}, so it cannot move as it "
-            "should; pass them with mixer.observe_eval(loss_sum, count) before step() whenever "
-            "mixer.wants_eval() is True, or give the Lightning callback `eval_loaders` (warned once)",
-        )
 
     # -- export and state ------------------------------------------------------------------------------------
     def export_schedule(self) -> list[tuple[int, list[float]]]:
@@ -686,8 +595,8 @@ class OnlineMixer:
             "policy": self.policy.state_dict(),
             "schedule": self._schedule.state_dict(),
             "num_steps": self._num_steps,
-            "num_updates": self._num_updates,
-            "num_samples": self._num_samples,
+            "num_updates": self._updates.num_updates,
+            "num_samples": self._updates.num_samples,
             "next_batch": self._next_batch,
             "cut_batch": self._cut_batch,
             "override": None if self._override is None else self._override.tolist(),
@@ -697,7 +606,7 @@ class OnlineMixer:
             "history": self.history.export(),
             "history_thinned": self.history.num_thinned,
             "pending": None if self._pending is None else self._pending.tolist(),
-            "evals_missed": [self._evals_missed, self._updates_without_eval],
+            "evals_missed": [self._updates.evals_missed, self._updates.updates_without_eval],
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, path: str = "mixer", domains: str = "same") -> None:
@@ -729,13 +638,14 @@ class OnlineMixer:
         self._schedule.replace(got.schedule_rows)
         self._rows_published = self._schedule.num_rows
         self.history.restore(*got.history)
-        self._num_steps, self._num_updates, self._num_samples = got.num_steps, got.num_updates, got.num_samples
+        self._num_steps = got.num_steps
+        self._updates.num_updates, self._updates.num_samples = got.num_updates, got.num_samples
         self._next_batch = self._local_next = got.next_batch
         self._cut_batch = got.cut_batch
         self._override = got.override
         self._rng = got.rng
         self._pending = got.pending
-        self._evals_missed, self._updates_without_eval = got.evals_missed
+        self._updates.evals_missed, self._updates.updates_without_eval = got.evals_missed
         latest = self._schedule.latest()
         self._published, self._published_mode = got.published.tobytes(), latest.mode
         self._latest, self._latest_from = latest.proportions, latest.effective_from
