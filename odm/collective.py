@@ -85,10 +85,12 @@ class StepCollective:
         self._deferred = None
         self.gathered.clear()
 
-    def _segment(self, next_batch: int, cut: int) -> tuple[np.ndarray, BaseException | None]:
-        """This rank's segment [next batch, failed flag, payloads…], and the exception a payload raised."""
-        parts: list[Any] = [np.array([float(next_batch), 0.0])]
-        error: BaseException | None = None
+    def _segment(
+        self, next_batch: int, cut: int, error: BaseException | None
+    ) -> tuple[np.ndarray, BaseException | None]:
+        """This rank's segment [next batch, failed flag, payloads…], and the exception to raise after the
+        collective: ``error`` (this rank's, found before it) or the first a payload raised."""
+        parts: list[Any] = [np.array([float(next_batch), 0.0 if error is None else 1.0])]
         for key, (fn, length) in self.payloads.items():
             try:
                 arr = np.asarray(fn(cut), dtype=np.float64).reshape(-1)
@@ -102,21 +104,29 @@ class StepCollective:
         return np.concatenate(parts), error
 
     def reduce(
-        self, feedback: DomainFeedback, lookup: Callable[[int], np.ndarray], next_batch: int, cut: int
+        self,
+        feedback: DomainFeedback,
+        lookup: Callable[[int], np.ndarray],
+        next_batch: int,
+        cut: int,
+        error: BaseException | None = None,
     ) -> tuple[np.ndarray, int, dict[str, np.ndarray] | None]:
         """One all_reduce: the step's packed statistics summed over the ranks, the batch clock (the largest
         ``next_batch`` of any rank) and every rank's payloads ``{key: (world, length)}`` (not yet stored; in one
-        process ``None``: :meth:`commit` defers them to the first read).
+        process ``None``: :meth:`commit` defers them to the first read). ``error``: this rank cannot complete the
+        step; it is raised after the collective, so that no rank is left waiting in it.
 
         Raises:
-            Exception: a payload that failed on this rank (as raised), or ``ValueError`` naming the ranks
-                where one failed — on every rank, after the collective.
+            Exception: ``error``, or a payload that failed on this rank (as raised), or ``ValueError`` naming the
+                ranks where one of those happened — on every rank, after the collective.
         """
         group = self.group
         dist = torch.distributed.is_available() and torch.distributed.is_initialized() and distributed(group)
         if not dist:  # one process: the payloads are this rank's own, nothing to gather (read when needed)
+            if error is not None:
+                raise error
             return feedback.reduce(lookup, None, group, dist), next_batch, None
-        tail, error = self._segment(next_batch, cut)
+        tail, error = self._segment(next_batch, cut, error)
         rank, world = rank_world(group) if dist else (0, 1)
         if world > 1:
             block = np.zeros((world, tail.size))
@@ -128,7 +138,10 @@ class StepCollective:
         if failed.size:
             if error is not None:
                 raise error
-            raise ValueError(f"odm: rank(s) {failed.tolist()} failed to provide the loader's payload at this step")
+            raise ValueError(
+                f"odm: rank(s) {failed.tolist()} failed this step (a payload of the loader, or a check: see that "
+                "rank's error)"
+            )
         gathered, offset = {}, _HEADER
         for key, (_, length) in self.payloads.items():
             gathered[key] = segments[:, offset : offset + length].copy()

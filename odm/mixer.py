@@ -450,8 +450,9 @@ class OnlineMixer:
                 step's feedback is then dropped), or if the ranks' settings disagree (first step only).
             RuntimeError: if the schedule holds rows the mixer did not publish.
         """
+        foreign = None  # raised after the collective under DDP, so that no rank is left waiting in it
         if self._schedule.num_rows != self._rows_published:
-            raise RuntimeError(
+            foreign = RuntimeError(
                 f"the mixer's schedule holds {self._schedule.num_rows} rows but the mixer wrote "
                 f"{self._rows_published}: something else published to it (mixer.schedule.publish?), so the mixer's "
                 "importance weights and publish points would be wrong. Publish with mixer.set_proportions(...)"
@@ -465,7 +466,7 @@ class OnlineMixer:
         gathered: dict[str, np.ndarray] | None = None
         held = feedback.held
         stats: DomainStats | None
-        if held is not None and self._collective.local():
+        if held is not None and foreign is None and self._collective.local():
             # One clean observe() on the host, in one process: nothing to reduce or pack.
             next_batch = self._local_next
             if held[0] and update_now and self._pending is None:  # the usual step
@@ -475,7 +476,7 @@ class OnlineMixer:
                 pending = self._pend_held(*held, in_place=not update_now)
                 stats = self._updates.from_pending(pending, self._latest, self._num_steps) if update_now else None
         else:
-            reduced = self._reduce(cut)
+            reduced = self._reduce(cut, foreign)
             if reduced is None:
                 return  # no feedback on any rank
             step_rows, next_batch, gathered = reduced
@@ -504,16 +505,20 @@ class OnlineMixer:
             if p is not None:
                 self._publish(p, from_policy=True, q=q, key=key)
 
-    def _reduce(self, cut: int) -> tuple[np.ndarray, int, dict[str, np.ndarray] | None] | None:
+    def _reduce(
+        self, cut: int, error: BaseException | None
+    ) -> tuple[np.ndarray, int, dict[str, np.ndarray] | None] | None:
         """The general path's collective: the step's packed statistics summed over the ranks, the batch clock and
         the payloads (see :meth:`StepCollective.reduce`); ``None`` after a step without feedback on any rank
-        (which commits the payloads and warns once).
+        (which commits the payloads and warns once). ``error``: raised after the collective (on every rank).
 
         Raises:
             ValueError: ids or weights observed on an accelerator were invalid (the step's feedback is dropped).
         """
         feedback = self._feedback
-        step_rows, next_batch, gathered = self._collective.reduce(feedback, self._drawn_under, self._local_next, cut)
+        step_rows, next_batch, gathered = self._collective.reduce(
+            feedback, self._drawn_under, self._local_next, cut, error
+        )
         bad_ids, bad_weights, calls, _ = FeedbackRows.scalars(step_rows)
         if bad_ids or bad_weights:
             feedback.reset()

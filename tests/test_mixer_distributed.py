@@ -267,3 +267,34 @@ def test_ranks_that_disagree_fail_fast_and_a_rank_0_checkpoint_resumes_every_ran
         assert r["rest"] == r["whole"][8:], "rank 0's checkpoint resumes this rank exactly"
     assert r0["whole"] == r1["whole"]
     assert (r0["solo_counts"], r1["solo_counts"]) == ([1.0, 0.0], [0.0, 1.0]), "reduced over its own group only"
+
+
+def _foreign_row_main(rank: int, world: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        mixer = odm.OnlineMixer(["a", "b"], "exp3")
+        mixer.observe([0, 1], [1.0, 2.0], mix_step=0)
+        mixer.step()
+        mixer.observe([0, 1], [1.0, 2.0], mix_step=1)
+        if rank == 0:
+            mixer.schedule.publish([0.9, 0.1], effective_from=5)  # behind the mixer's back, on one rank only
+        t0 = time.monotonic()
+        try:
+            mixer.step()
+            out: object = None
+        except (RuntimeError, ValueError) as err:
+            out = (type(err).__name__, str(err), time.monotonic() - t0, mixer.num_steps)
+        with open(f"{out_dir}/foreign{rank}.pkl", "wb") as f:
+            pickle.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_row_published_behind_one_ranks_mixer_fails_the_step_on_every_rank_without_a_hang(tmp_path):
+    mp.spawn(_foreign_row_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (pickle.loads((tmp_path / f"foreign{r}.pkl").read_bytes()) for r in range(2))
+    assert r0 is not None and r1 is not None, "a rank stepped on although another could not"
+    assert r0[0] == "RuntimeError" and "something else published to it" in r0[1]
+    assert r1[0] == "ValueError" and "rank(s) [0] failed this step" in r1[1]
+    assert r0[2] < 10 and r1[2] < 10  # after the one collective, not after a timeout
+    assert r0[3] == r1[3] == 1  # the failed step changed nothing
