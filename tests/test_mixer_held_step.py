@@ -1,10 +1,11 @@
 """The mixer's usual step against its general path.
 
-When a step's only feedback is one unweighted, all-finite ``observe()`` on the host, in one process, with an
-update due and nothing pending, ``OnlineMixer.step`` hands the policy the sums and counts that observe() held
-(``DomainFeedback.held``) instead of packing, reducing and unpacking the accumulator. Every other step takes the
-general path. The policy must be fed the same statistics either way: loss sums, counts and every counter bit for
-bit, the drawn-under proportions up to rounding (the held step hands over the row itself, the general path
+When a step's only feedback is one unweighted, all-finite ``observe()`` on the host, in one process,
+``OnlineMixer.step`` uses the sums and counts that observe() held (``DomainFeedback.held``) instead of packing,
+reducing and unpacking the accumulator: with an update due and nothing pending it hands them to the policy as they
+are, otherwise it adds them to the statistics pending since the last update. Every other step takes the general
+path. The policy must be fed the same statistics either way: loss sums, counts and every counter bit for bit, the
+drawn-under proportions up to rounding (the held step hands over the row itself, the general path
 ``n·p / Σ(n·p)``).
 
 The reference mixer passes ``weight=1`` with every observe(): the same sums and counts, never held.
