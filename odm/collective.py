@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from odm._checks import check_int
 from odm._dist import distributed, rank_world
@@ -121,7 +120,7 @@ class StepCollective:
                 ranks where one of those happened — on every rank, after the collective.
         """
         group = self.group
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized() and distributed(group)
+        dist = not self.local()
         if not dist:  # one process: the payloads are this rank's own, nothing to gather (read when needed)
             if error is not None:
                 raise error

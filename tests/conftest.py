@@ -80,6 +80,32 @@ def resume_from_rank_zeros_file(
     return state, expected, got
 
 
+def _rank_entry(rank: int, world: int, port: int, out_dir: str, body: Callable[[int, str], dict]) -> None:
+    import json
+    from datetime import timedelta
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
+    try:
+        result = body(rank, out_dir)
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(body: Callable[[int, str], dict], out_dir: Any, world: int = 2) -> list[dict]:
+    """Runs ``body(rank, out_dir) -> dict`` on ``world`` spawned ranks inside one gloo process group (a 30 s
+    timeout, so a hang fails) and returns each rank's dict, through JSON. ``body`` must be a module-level function."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_entry, args=(world, free_port(), str(out_dir), body), nprocs=world, join=True)
+    return [json.loads(open(f"{out_dir}/rank{r}.json").read()) for r in range(world)]
+
+
 def roundtrip(state: Any) -> Any:
     """Saves and loads ``state`` the way Lightning loads a local checkpoint (``weights_only=True``)."""
     buf = io.BytesIO()

@@ -4,13 +4,10 @@ where a snapshot cannot be used (real ``datasets`` objects, real workers, two gl
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import count_row, free_port, resume_from_rank_zeros_file, resume_in_place, rows_counted
+from conftest import count_row, resume_from_rank_zeros_file, resume_in_place, rows_counted, run_ranks
 
 import odm
 from odm.hf_state import decode, encode, skeleton_id
@@ -18,7 +15,6 @@ from odm.hf_state import decode, encode, skeleton_id
 datasets = pytest.importorskip("datasets")
 from odm.hf_sources import HFIterableSource  # noqa: E402
 
-TIMEOUT = timedelta(seconds=30)  # a hang fails fast
 CALLS = [0]  # rows the counting .map() produced in this process
 
 
@@ -205,30 +201,23 @@ def test_a_checkpoint_with_another_snapshot_layout_resumes_by_skipping():
 # -- two ranks ------------------------------------------------------------------------------------------------
 
 
-def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        ds = _table(8, 300).map(_count)
+def _rank_body(rank: int, out_dir: str) -> dict:
+    ds = _table(8, 300).map(_count)
 
-        def make():
-            return _loader(HFIterableSource(ds, state_every=8))
+    def make():
+        return _loader(HFIterableSource(ds, state_every=8))
 
-        def reset() -> None:
-            CALLS[0] = 0
+    def reset() -> None:
+        CALLS[0] = 0
 
-        state, expected, got = resume_from_rank_zeros_file(make, _run, 120, 6, f"{out_dir}/ckpt.pt", reset)
-        position = state["streams"][rank][0][3]  # [next batch, epochs(2), positions(2), …]: domain "a"
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump({"expected": expected, "got": got, "calls": CALLS[0], "position": position}, f)
-    finally:
-        dist.destroy_process_group()
+    state, expected, got = resume_from_rank_zeros_file(make, _run, 120, 6, f"{out_dir}/ckpt.pt", reset)
+    position = state["streams"][rank][0][3]  # [next batch, epochs(2), positions(2), …]: domain "a"
+    return {"expected": expected, "got": got, "calls": CALLS[0], "position": position}
 
 
 @pytest.mark.slow
 def test_every_rank_resumes_through_its_snapshot_from_the_file_rank_zero_alone_wrote(tmp_path):
-    mp.spawn(_ranks_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+    for r, res in enumerate(run_ranks(_rank_body, tmp_path)):
         assert res["got"] == res["expected"], f"rank {r} resumed differently"
         assert res["position"] > 100 and res["calls"] <= 8 + 6 * 4, f"rank {r}: {res['calls']} rows re-read"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import count_row, free_port, resume_from_rank_zeros_file, resume_in_place, roundtrip, rows_counted
+from conftest import count_row, resume_from_rank_zeros_file, resume_in_place, roundtrip, rows_counted, run_ranks
 
 import odm
 from odm.packing import PackedMixtureDataset
@@ -239,46 +239,27 @@ def test_a_packing_iterators_own_state_resumes_from_its_snapshot_and_loads_versi
 # -- two ranks ------------------------------------------------------------------------------------------------
 
 
-def _ranks_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    import json
-    from datetime import timedelta
+def _rank_body(rank: int, out_dir: str) -> dict:
+    counter = f"{out_dir}/reads{rank}"
+    ds = _docs(1, 8, 300, counter=counter, low=5, high=20)
 
-    import torch.distributed as dist
+    def make() -> odm.MixtureLoader:
+        return _loader({"a": HFIterableSource(ds, state_every=8), "b": [[7] * 9] * 50})
 
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-    )
-    try:
-        counter = f"{out_dir}/reads{rank}"
-        ds = _docs(1, 8, 300, counter=counter, low=5, high=20)
+    before = [0]
 
-        def make() -> odm.MixtureLoader:
-            return _loader({"a": HFIterableSource(ds, state_every=8), "b": [[7] * 9] * 50})
+    def mark() -> None:
+        before[0] = rows_counted(counter)
 
-        before = [0]
-
-        def mark() -> None:
-            before[0] = rows_counted(counter)
-
-        state, expected, got = resume_from_rank_zeros_file(make, _run, 120, 6, f"{out_dir}/ckpt.pt", mark)
-        same = all(torch.equal(a[k], b[k]) for a, b in zip(expected, got) for k in KEYS)
-        row = state["streams"][rank][0]  # [next batch, epochs(2), positions(2), deficits(2), carry(2), snapshot…]
-        result = {"same": same, "reads": rows_counted(counter) - before[0], "position": row[3], "snapshot": row[9]}
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    state, expected, got = resume_from_rank_zeros_file(make, _run, 120, 6, f"{out_dir}/ckpt.pt", mark)
+    same = all(torch.equal(a[k], b[k]) for a, b in zip(expected, got) for k in KEYS)
+    row = state["streams"][rank][0]  # [next batch, epochs(2), positions(2), deficits(2), carry(2), snapshot…]
+    return {"same": same, "reads": rows_counted(counter) - before[0], "position": row[3], "snapshot": row[9]}
 
 
 @pytest.mark.slow
 def test_every_rank_of_a_packed_loader_resumes_through_its_snapshot_from_rank_zeros_file(tmp_path):
-    import json
-
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ranks_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+    for r, res in enumerate(run_ranks(_rank_body, tmp_path)):
         assert res["same"], f"rank {r} resumed differently"
         assert 0 < res["snapshot"] <= res["position"], f"rank {r}: no snapshot in rank 0's file for it: {res}"
         # From the snapshot (< 8 rows back, or 16 for a carried document) to 6 more batches of 2-7 documents.
